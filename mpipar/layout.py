@@ -1,0 +1,154 @@
+"""Parallel layout: world rank <-> (tp, dp, pp) coordinates, and the communicator split.
+
+A world of ``tp * dp * pp`` ranks is laid out with TP innermost (adjacent ranks, one
+node, NVLink), then attention data parallelism (DP), then pipeline stages (PP)
+outermost, so only PP traffic crosses node boundaries:
+
+    world_rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+
+16 ranks, tp=4, pp=4 (dp=1):
+
+    stage | world ranks | TP group
+    ------+-------------+----------
+      0   |  0  1  2  3 | {0,1,2,3}
+      1   |  4  5  6  7 | {4,5,6,7}
+      2   |  8  9 10 11 | ...
+      3   | 12 13 14 15 |
+    PP groups (same tp rank across stages): {0,4,8,12}, {1,5,9,13}, ...
+
+Expert parallelism lives inside one stage. The ``tp * dp`` ranks of a stage, numbered
+``stage_rank = dp_rank * tp + tp_rank``, form ``tp*dp/ep`` EP groups of ``ep`` adjacent
+ranks; each EP group holds every expert once, ``n_experts/ep`` per rank. ``ep = 1``
+means no expert parallelism (experts are TP-split like a dense MLP).
+
+Communicators are made with ``Comm.Split(color, key)``: one color per group, key = the
+coordinate that varies inside it, so group rank == that coordinate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class LayoutError(ValueError):
+    """A layout that cannot be built; the message names the numbers."""
+
+
+@dataclass(frozen=True)
+class Coords:
+    world: int
+    tp: int
+    dp: int
+    pp: int
+    ep: int  # rank inside the EP group
+    ep_group: int  # which EP group of the stage
+    stage_rank: int  # dp * tp_size + tp: rank inside the stage
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp", "ep"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LayoutError(f"{name} must be a positive integer, got {v!r}")
+        if self.ep > self.tp * self.dp or (self.tp * self.dp) % self.ep:
+            raise LayoutError(
+                f"ep={self.ep} must divide tp*dp={self.tp}*{self.dp}={self.tp * self.dp} "
+                "(expert groups live inside one pipeline stage)")
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.dp * self.pp
+
+    @property
+    def stage_size(self) -> int:
+        return self.tp * self.dp
+
+    def check_world(self, world_size: int) -> None:
+        if world_size != self.world:
+            raise LayoutError(
+                f"tp*dp*pp = {self.tp}*{self.dp}*{self.pp} = {self.world} ranks, "
+                f"but the job has {world_size}")
+
+    def coords(self, rank: int) -> Coords:
+        if not 0 <= rank < self.world:
+            raise LayoutError(f"rank {rank} outside a world of {self.world}")
+        tp = rank % self.tp
+        dp = (rank // self.tp) % self.dp
+        pp = rank // self.stage_size
+        stage_rank = dp * self.tp + tp
+        return Coords(rank, tp, dp, pp, stage_rank % self.ep, stage_rank // self.ep, stage_rank)
+
+    def rank_of(self, tp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        return (pp * self.dp + dp) * self.tp + tp
+
+    # Split colors/keys: every rank of one group gets the same color, key = its group rank.
+    def split_keys(self, rank: int) -> dict:
+        c = self.coords(rank)
+        return {
+            "tp": (c.pp * self.dp + c.dp, c.tp),
+            "dp": (c.pp * self.tp + c.tp, c.dp),
+            "pp": (c.dp * self.tp + c.tp, c.pp),
+            "ep": (c.pp * (self.stage_size // self.ep) + c.ep_group, c.ep),
+            "stage": (c.pp, c.stage_rank),
+        }
+
+    def groups(self, kind: str) -> list[list[int]]:
+        """All groups of a kind as lists of world ranks, ordered by group rank (pure)."""
+        by_color: dict[int, list[tuple[int, int]]] = {}
+        for r in range(self.world):
+            color, key = self.split_keys(r)[kind]
+            by_color.setdefault(color, []).append((key, r))
+        return [[r for _, r in sorted(v)] for _, v in sorted(by_color.items())]
+
+    def describe(self) -> str:
+        lines = [f"layout: tp={self.tp} pp={self.pp} dp={self.dp} ep={self.ep} "
+                 f"world={self.world}",
+                 " rank | tp dp pp | ep_group ep"]
+        for r in range(self.world):
+            c = self.coords(r)
+            lines.append(f" {r:4d} | {c.tp:2d} {c.dp:2d} {c.pp:2d} | {c.ep_group:8d} {c.ep:2d}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Comms:
+    """Everything a rank needs to talk: its layout, coordinates, Groups and ledger."""
+    layout: Layout
+    coords: Coords
+    world: object  # Group
+    tp: object
+    dp: object
+    pp: object
+    ep: object
+    stage: object  # all tp*dp ranks of this pipeline stage
+    ledger: object
+    xp: object
+    extra: dict = field(default_factory=dict)
+
+
+def make_comms(layout: Layout, comm=None, ledger=None, xp=None, transport=None) -> Comms:
+    """Split ``comm`` (default COMM_WORLD) into the layout's communicators (collective)."""
+    import numpy
+    from mpi4py import MPI
+
+    from .comm.group import Group
+    from .comm.ledger import Ledger
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    layout.check_world(comm.Get_size())
+    ledger = Ledger() if ledger is None else ledger
+    xp = numpy if xp is None else xp
+    keys = layout.split_keys(comm.Get_rank())
+    groups = {}
+    for kind in ("tp", "dp", "pp", "ep", "stage"):
+        color, key = keys[kind]
+        groups[kind] = Group(comm.Split(color, key), kind, ledger, xp, transport)
+    world = Group(comm, "world", ledger, xp, transport)
+    return Comms(layout, layout.coords(comm.Get_rank()), world, ledger=ledger, xp=xp, **groups)
