@@ -137,9 +137,10 @@ def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta
     """
     n = x.shape[0]
     d = head_dim
-    q = (x @ w.q.T).reshape(n, -1, d)
-    k = (x @ w.k.T).reshape(n, -1, d)
-    v = (x @ w.v.T).reshape(n, -1, d)
+    hq, hkv = w.q.shape[0] // d, w.k.shape[0] // d
+    q = (x @ w.q.T).reshape(n, hq, d)
+    k = (x @ w.k.T).reshape(n, hkv, d)
+    v = (x @ w.v.T).reshape(n, hkv, d)
     q = rms_norm(xp, q, w.q_norm, eps)
     k = rms_norm(xp, k, w.k_norm, eps)
     out = xp.empty_like(q)
@@ -150,7 +151,7 @@ def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta
         sl = slice(start, start + rows)
         kk, vv = cache.append(apply_rope(xp, k[sl], cos, sin), v[sl])
         out[sl] = causal_gqa_attention(xp, apply_rope(xp, q[sl], cos, sin), kk, vv)
-    return out.reshape(n, -1) @ w.o.T
+    return out.reshape(n, hq * d) @ w.o.T
 
 
 def experts_forward(xp, x, experts, weights, expert_weights, first_expert=0):

@@ -1,0 +1,33 @@
+"""Text <-> token ids through a Hugging Face ``tokenizer.json`` (the tokenizers library)."""
+
+from __future__ import annotations
+
+import os
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def load_tokenizer(model_dir: str | None):
+    """The folder's tokenizer.json as a ``tokenizers.Tokenizer`` (clear error otherwise)."""
+    path = os.path.join(model_dir or "", "tokenizer.json")
+    if not model_dir or not os.path.isfile(path):
+        where = f"in {model_dir}" if model_dir else "(no --model folder given)"
+        raise TokenizerError(f"--prompt needs a tokenizer.json {where}; "
+                             "use --prompt-ids for token ids")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise TokenizerError("--prompt needs the tokenizers package: "
+                             "pip install 'mpipar[text]'") from None
+    tok = Tokenizer.from_file(path)
+
+    class _Text:
+        def encode(self, text: str) -> list[int]:
+            return tok.encode(text).ids
+
+        def decode(self, ids) -> str:
+            return tok.decode([int(i) for i in ids])
+
+    return _Text()

@@ -1,0 +1,193 @@
+"""generate() across the layout: chunked prefill through the pipeline, then decode.
+
+Every rank runs the same schedule, so the collectives line up without coordination:
+
+    prefill: for each of K chunks: stage_forward(chunk)       (pp.py: non-blocking sends)
+             last stage: logits of each prompt's last token -> first token
+    decode:  for each new token after the first: tokens travel last stage -> stage 0,
+             stage_forward(one token per sequence), last stage picks the next token
+
+DP: prompt i belongs to replica ``i % dp``. Every replica runs the same number of
+forwards (a replica without prompts runs them on zero tokens), because the EP all-to-all
+may join ranks of different replicas. The last stage's TP rank 0 of each replica sends
+its results to world rank 0, which puts them back in prompt order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..comm.control import gather_object
+from ..comm.p2p import recv_array, send_array
+from ..model.reference import pack
+from ..model.sampling import Generation, Sampler, pad_prompt_logits
+from .ep import RoutingStats
+from .pp import Pipeline, chunk_prompts
+from .shard import make_plan
+from .tp import TPBlock, VocabParallelHead
+
+TAG_RESULT = 21
+
+
+class ParallelModel:
+    """This rank's part of the model: its stage's layers, TP/EP-sliced, and its vocab."""
+
+    def __init__(self, comms, source, xp=np):
+        self.comms, self.xp = comms, xp
+        self.config = config = source.config
+        self.plan = plan = make_plan(config, comms.layout, comms.world.rank)
+        self.blocks = [TPBlock(source, config, plan, i, comms, xp) for i in plan.layers]
+        self.head = VocabParallelHead(source, config, plan, comms, xp,
+                                      embed=plan.first_stage, head=plan.last_stage)
+        self.pipe = Pipeline(comms)
+        self.stats = RoutingStats(config.num_experts)
+        self.forward_tokens = []  # N of every stage_forward on this rank (cost model input)
+        self.kv_cache_bytes = 0
+        self.n_seqs = self.decode_steps = 0
+
+    def stage_forward(self, token_lists, caches):
+        """Run this stage on one batch of tokens; the last stage returns x [N, h]."""
+        ids, segments = pack(token_lists)
+        self.forward_tokens.append(int(ids.shape[0]))
+        x = self.head.embed_tokens(ids) if self.pipe.first else self.pipe.recv_activation()
+        for block, layer_caches in zip(self.blocks, caches):
+            x = block.forward(x, layer_caches, segments, self.stats)
+        if not self.pipe.last:
+            self.pipe.send_activation(x)
+            return None, segments
+        return x, segments
+
+    def pick(self, x_rows, sampler, keep_logits, seq_ids, step):
+        """Last stage: x rows [B, h] -> (tokens [B], full logits [B, V] or None)."""
+        local = self.head.local_logits(x_rows)
+        full = self.head.full_logits(local) if keep_logits or not sampler.greedy else None
+        if sampler.greedy:
+            return self.head.argmax(local), full
+        return sampler.sample(full, seq_ids, step), full
+
+    def generate(self, prompts, max_new_tokens: int, sampler: Sampler = Sampler(),
+                 prefill_chunks: int = 1, keep_logits: bool = False):
+        """All prompts in, Generation out on world rank 0 (None elsewhere)."""
+        layout, co = self.comms.layout, self.comms.coords
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        seq_ids = list(range(co.dp, len(prompts), layout.dp))  # this replica's sequences
+        mine = [list(prompts[i]) for i in seq_ids]
+        n_seq = self.n_seqs = len(mine)
+        self.decode_steps = max_new_tokens - 1
+        capacity = max((len(p) for p in mine), default=0) + max_new_tokens
+        caches = [[b.new_cache(capacity) for _ in range(n_seq)] for b in self.blocks]
+        self.kv_cache_bytes = sum(c.nbytes for layer in caches for c in layer)
+        last = self.pipe.last
+        prompt_rows = [[] for _ in range(n_seq)]
+        first_rows = [None] * n_seq
+        done = [0] * n_seq
+        self.comms.world.comm.Barrier()
+        t0 = time.perf_counter()
+
+        for pieces in chunk_prompts(mine, prefill_chunks):
+            x, segments = self.stage_forward(pieces, caches)
+            if not last:
+                continue
+            for seq, start, rows in segments:
+                done[seq] += rows
+                if keep_logits:
+                    prompt_rows[seq].append(self.head.full_logits(
+                        self.head.local_logits(x[start:start + rows])))
+                if done[seq] == len(mine[seq]):
+                    first_rows[seq] = x[start + rows - 1]
+        self.pipe.wait_sends()
+
+        tokens = np.zeros((n_seq, max_new_tokens), dtype=np.int64)
+        decode_logits = []
+        t_first = None
+        for step in range(max_new_tokens):
+            if step > 0:  # forward the previous token of every sequence
+                prev = (self.pipe.tokens_from_last() if self.pipe.first and not last
+                        else tokens[:, step - 1])
+                x, _ = self.stage_forward([[int(t)] for t in prev], caches)
+                self.pipe.wait_sends()
+            if last:
+                rows = (self.xp.stack(first_rows) if step == 0 else x) if n_seq else \
+                    self.xp.zeros((0, self.config.hidden_size), dtype=np.float32)
+                tokens[:, step], full = self.pick(rows, sampler, keep_logits, seq_ids, step)
+                if keep_logits:
+                    decode_logits.append(full)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if step + 1 < max_new_tokens:
+                    self.pipe.tokens_to_first(tokens[:, step])
+        t_end = time.perf_counter()
+
+        result = None
+        if last and co.tp == 0:
+            result = Generation(
+                tokens=tokens,
+                prompt_logits=pad_prompt_logits([np.concatenate(r) if r else
+                                                 np.zeros((0, self.config.vocab_size),
+                                                          np.float32) for r in prompt_rows],
+                                                self.config.vocab_size) if keep_logits else None,
+                decode_logits=np.stack(decode_logits, axis=1) if keep_logits and n_seq else
+                (np.zeros((0, max_new_tokens, self.config.vocab_size), np.float32)
+                 if keep_logits else None),
+                ttft_s=t_first - t0, decode_s=t_end - t_first)
+        return self._collect(result, len(prompts), keep_logits)
+
+    def _collect(self, result, n_prompts, keep_logits):
+        """Replica results -> world rank 0, in prompt order."""
+        layout, world = self.comms.layout, self.comms.world
+        reporters = [layout.rank_of(tp=0, dp=d, pp=layout.pp - 1) for d in range(layout.dp)]
+        if world.rank in reporters and world.rank != 0:
+            send_array(world, result.tokens, 0, TAG_RESULT, kind="result")
+            send_array(world, np.array([result.ttft_s, result.decode_s]), 0, TAG_RESULT,
+                       kind="result")
+            if keep_logits:
+                send_array(world, result.prompt_logits, 0, TAG_RESULT, kind="result")
+                send_array(world, result.decode_logits, 0, TAG_RESULT, kind="result")
+        if world.rank != 0:
+            return None
+        parts = []
+        for d, r in enumerate(reporters):
+            if r == 0:
+                parts.append(result)
+                continue
+            tokens = recv_array(world, r, TAG_RESULT, kind="result")
+            ttft, dec = recv_array(world, r, TAG_RESULT, kind="result")
+            pl = recv_array(world, r, TAG_RESULT, kind="result") if keep_logits else None
+            dl = recv_array(world, r, TAG_RESULT, kind="result") if keep_logits else None
+            parts.append(Generation(tokens, pl, dl, float(ttft), float(dec)))
+        order = [i for d in range(layout.dp) for i in range(d, n_prompts, layout.dp)]
+        inverse = np.argsort(order)
+        tokens = np.concatenate([p.tokens for p in parts])[inverse]
+        out = Generation(tokens=tokens, ttft_s=max(p.ttft_s for p in parts),
+                         decode_s=max(p.decode_s for p in parts))
+        if keep_logits:
+            longest = max(p.prompt_logits.shape[1] for p in parts)
+            out.prompt_logits = np.concatenate([
+                np.pad(p.prompt_logits, ((0, 0), (0, longest - p.prompt_logits.shape[1]),
+                                         (0, 0)), constant_values=np.nan)
+                for p in parts])[inverse]
+            out.decode_logits = np.concatenate([p.decode_logits for p in parts])[inverse]
+        return out
+
+    def report(self):
+        """Per-rank facts gathered on world rank 0: ledger, forwards, routing, memory."""
+        mine = {
+            "rank": self.comms.world.rank,
+            "coords": vars(self.comms.coords),
+            "layers": [self.plan.layers.start, self.plan.layers.stop],
+            "experts": [self.plan.experts.start, self.plan.experts.stop],
+            "kv_heads": [self.plan.kv_heads.start, self.plan.kv_heads.stop],
+            "ledger": self.comms.ledger.totals(),
+            "forward_tokens": self.forward_tokens,
+            "expert_pairs": self.stats.per_expert().tolist(),
+            "rows_received": self.stats.rows_received,
+            "rows_from_others": self.stats.rows_from_others,
+            "rows_sent_away": self.stats.rows_sent_away,
+            "n_seqs": self.n_seqs,
+            "decode_steps": self.decode_steps,
+            "kv_cache_bytes": self.kv_cache_bytes,
+        }
+        return gather_object(self.comms.world, mine)

@@ -1,0 +1,96 @@
+"""Shard plan: which slice of the model one rank holds.
+
+For a rank at (tp t of T, pp stage s of P, ep e of E):
+
+- layers: stage s holds a contiguous range; the first ``L % P`` stages get one more.
+- attention: query heads ``[t*Hq/T, (t+1)*Hq/T)`` (Hq % T == 0). KV heads: when
+  T <= Hkv they are split the same way (Hkv % T == 0); when T > Hkv (Hq8/Hkv4 on 8
+  GPUs, say) each kv head is replicated on ``T/Hkv`` ranks and rank t holds kv head
+  ``t // (T/Hkv)`` with its KV cache: ``T/Hkv`` times the KV memory of a split.
+- dense MLP: intermediate slice ``chunk t of T`` (any size; column-parallel gate/up,
+  row-parallel down).
+- MoE, E == 1: every expert, its intermediate sliced by TP like a dense MLP.
+  MoE, E > 1: experts ``[e*X/E, (e+1)*X/E)`` whole (X % E == 0).
+- vocab (embedding rows and lm_head rows): chunk t of T (vocab-parallel).
+
+Chunks follow ``split(n, parts)``: the first ``n % parts`` parts are one larger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layout import Layout, LayoutError
+
+
+def split(n: int, parts: int, i: int) -> range:
+    """Part i of n items split into ``parts`` contiguous pieces (first n%parts one larger)."""
+    base, extra = divmod(n, parts)
+    start = i * base + min(i, extra)
+    return range(start, start + base + (1 if i < extra else 0))
+
+
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    if num_layers < pp:
+        raise LayoutError(f"pp={pp} stages need at least {pp} layers; the model has "
+                          f"{num_layers}")
+    return [split(num_layers, pp, s) for s in range(pp)]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    layers: range
+    q_heads: range
+    kv_heads: range
+    kv_replication: int  # TP ranks holding each kv head (1: split, no duplication)
+    inter: range  # dense MLP intermediate slice
+    vocab: range  # embedding / lm_head rows
+    experts: range  # experts held (all of them when ep == 1)
+    expert_inter: range  # intermediate slice of each held expert
+    first_stage: bool
+    last_stage: bool
+
+
+def check_layout(config, layout: Layout) -> None:
+    """Refuse layouts that cannot split this model (one clear message)."""
+    c, tp = config, layout.tp
+    if c.num_heads % tp:
+        raise LayoutError(f"tp={tp} does not divide the {c.num_heads} attention heads")
+    if c.num_kv_heads % tp and tp % c.num_kv_heads:
+        raise LayoutError(f"tp={tp} and the {c.num_kv_heads} kv heads: neither divides "
+                          "the other, so kv heads can be neither split nor replicated")
+    stage_layers(c.num_layers, layout.pp)
+    if layout.ep > 1:
+        if not c.is_moe:
+            raise LayoutError(f"ep={layout.ep} needs a Mixture-of-Experts model; this one "
+                              "is dense")
+        if c.num_experts % layout.ep:
+            raise LayoutError(f"ep={layout.ep} does not divide the {c.num_experts} experts")
+
+
+def make_plan(config, layout: Layout, rank: int) -> ShardPlan:
+    check_layout(config, layout)
+    c, co, tp = config, layout.coords(rank), layout.tp
+    if tp <= c.num_kv_heads:
+        kv_heads, rep = split(c.num_kv_heads, tp, co.tp), 1
+    else:
+        rep = tp // c.num_kv_heads
+        kv_heads = range(co.tp // rep, co.tp // rep + 1)
+    if layout.ep > 1:
+        experts = split(c.num_experts, layout.ep, co.ep)
+        expert_inter = range(c.moe_intermediate_size)
+    else:
+        experts = range(c.num_experts)
+        expert_inter = split(c.moe_intermediate_size, tp, co.tp)
+    return ShardPlan(
+        layers=stage_layers(c.num_layers, layout.pp)[co.pp],
+        q_heads=split(c.num_heads, tp, co.tp),
+        kv_heads=kv_heads,
+        kv_replication=rep,
+        inter=split(c.intermediate_size, tp, co.tp),
+        vocab=split(c.vocab_size, tp, co.tp),
+        experts=experts,
+        expert_inter=expert_inter,
+        first_stage=co.pp == 0,
+        last_stage=co.pp == layout.pp - 1,
+    )

@@ -1,0 +1,161 @@
+"""Tensor parallelism (Megatron): one decoder block split over the T ranks of a TP group.
+
+What is split (rank t holds):
+    q_proj, k_proj, v_proj   rows of its heads          [Hq_l*D, h], [Hkv_l*D, h]  column-parallel
+    o_proj                   columns of its heads       [h, Hq_l*D]                row-parallel
+    gate_proj, up_proj       rows of its intermediate   [I_l, h]                   column-parallel
+    down_proj                columns of it              [h, I_l]                   row-parallel
+    norms, router            whole (replicated)
+
+What moves: the row-parallel o_proj and down_proj each leave a partial sum [N, h] on
+every rank; one ring all-reduce each makes it whole. Two all-reduces per block, each of
+N*h elements: a rank sends 2(T-1)/T * N*h*itemsize per all-reduce (see comm/ring.py).
+
+With expert parallelism (ep > 1) the MoE block ends with an all-gather of token shares
+instead of the second all-reduce (see ep.py).
+
+Vocab-parallel embedding and lm_head: rank t holds rows ``vocab chunk t``. Embedding:
+look up the ids it holds, zeros elsewhere, one all-reduce (kind ``tp_embed``). Head:
+each rank computes logits of its rows; greedy decoding needs only the (max, argmax) of
+each rank (kind ``tp_argmax``); full logits are all-gathered only when asked
+(kind ``tp_logits``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..comm.ring import ring_allgather, ring_allreduce
+from ..model import layers as L
+from ..model.reference import layer_prefix
+from . import ep as ep_mod
+from .shard import split
+
+
+def allreduce(tp, x, kind=None):
+    """Sum partial results over the TP group (a no-op for one rank)."""
+    if tp.size == 1:
+        return x
+    return ring_allreduce(tp, x, kind=kind)
+
+
+class TPBlock:
+    """One decoder layer, holding this rank's slice (see ShardPlan)."""
+
+    def __init__(self, source, config, plan, layer: int, comms, xp):
+        self.config, self.plan, self.layer, self.comms, self.xp = config, plan, layer, comms, xp
+        d, p = config.head_dim, layer_prefix(layer)
+
+        def read(name, index=None):
+            return xp.asarray(source.read(p + name, index))
+
+        all_cols = slice(None)
+        q = slice(plan.q_heads.start * d, plan.q_heads.stop * d)
+        kv = slice(plan.kv_heads.start * d, plan.kv_heads.stop * d)
+        self.norm1 = read("input_layernorm.weight")
+        self.norm2 = read("post_attention_layernorm.weight")
+        self.attn = L.AttentionWeights(
+            read("self_attn.q_proj.weight", (q, all_cols)),
+            read("self_attn.k_proj.weight", (kv, all_cols)),
+            read("self_attn.v_proj.weight", (kv, all_cols)),
+            read("self_attn.o_proj.weight", (all_cols, q)),
+            read("self_attn.q_norm.weight"), read("self_attn.k_norm.weight"))
+        self.moe = config.is_moe_layer(layer)
+        if self.moe:
+            self.router = read("mlp.gate.weight")  # [X, h], replicated
+            i = slice(plan.expert_inter.start, plan.expert_inter.stop)
+            self.experts = [
+                (read(f"mlp.experts.{e}.gate_proj.weight", (i, all_cols)),
+                 read(f"mlp.experts.{e}.up_proj.weight", (i, all_cols)),
+                 read(f"mlp.experts.{e}.down_proj.weight", (all_cols, i)))
+                for e in plan.experts]
+        else:
+            i = slice(plan.inter.start, plan.inter.stop)
+            self.mlp = (read("mlp.gate_proj.weight", (i, all_cols)),
+                        read("mlp.up_proj.weight", (i, all_cols)),
+                        read("mlp.down_proj.weight", (all_cols, i)))
+
+    def new_cache(self, capacity: int):
+        return L.KVCache(self.xp, capacity, len(self.plan.kv_heads), self.config.head_dim)
+
+    def forward(self, x, caches, segments, stats):
+        """x [N, h] (identical on every TP rank) -> [N, h]; appends to caches."""
+        c, xp, tp = self.config, self.xp, self.comms.tp
+        ledger = self.comms.ledger
+        with ledger.span("attention"):
+            h = L.rms_norm(xp, x, self.norm1, c.rms_norm_eps)
+            a = L.attention(xp, h, self.attn, caches, segments, c.head_dim, c.rms_norm_eps,
+                            c.rope_theta)  # [N, h] partial over heads
+        x = x + allreduce(tp, a)
+        with ledger.span("mlp"):
+            h = L.rms_norm(xp, x, self.norm2, c.rms_norm_eps)
+            if not self.moe:
+                return x + allreduce(tp, L.swiglu(xp, h, *self.mlp))
+            if self.comms.layout.ep == 1:
+                experts, weights = L.router_topk(xp, h, self.router, c.num_experts_per_tok,
+                                                 c.norm_topk_prob)
+                stats.count_routing(self.layer, experts, share_of=tp)
+                return x + allreduce(tp, L.experts_forward(xp, h, experts, weights,
+                                                           self.experts))
+        return x + ep_mod.moe_forward(self, h, stats)
+
+
+class VocabParallelHead:
+    """Embedding rows and lm_head rows of this rank's vocab chunk."""
+
+    def __init__(self, source, config, plan, comms, xp, embed: bool, head: bool):
+        self.config, self.plan, self.comms, self.xp = config, plan, comms, xp
+        rows = (slice(plan.vocab.start, plan.vocab.stop), slice(None))
+        self.embed = xp.asarray(source.read("model.embed_tokens.weight", rows)) if embed else None
+        if head:
+            self.norm = xp.asarray(source.read("model.norm.weight"))
+            self.lm_head = xp.asarray(source.read("lm_head.weight", rows))  # [V_l, h]
+        self.counts = [len(split(config.vocab_size, comms.tp.size, t))  # V_t of each rank
+                       for t in range(comms.tp.size)]
+
+    def embed_tokens(self, ids):
+        """ids [N] int (host) -> [N, h], summed over the TP group."""
+        xp, v = self.xp, self.plan.vocab
+        ids = xp.asarray(ids)
+        mine = (ids >= v.start) & (ids < v.stop)
+        local = xp.where(mine, ids - v.start, 0)
+        x = self.embed[local] * mine[:, None].astype(self.embed.dtype)
+        return allreduce(self.comms.tp, x, kind="tp_embed")
+
+    def local_logits(self, x):
+        """x [N, h] (pre final norm) -> this rank's logits [N, V_l]."""
+        h = L.rms_norm(self.xp, x, self.norm, self.config.rms_norm_eps)
+        return h @ self.lm_head.T
+
+    def full_logits(self, local):
+        """[N, V_l] -> [N, V] on every TP rank (host float32)."""
+        tp, xp = self.comms.tp, self.xp
+        n = local.shape[0]
+        if tp.size == 1:
+            return _host(local)
+        flat = ring_allgather(tp, xp.ascontiguousarray(local).ravel(),
+                              counts=[n * c for c in self.counts], kind="tp_logits")
+        flat = _host(flat)
+        parts, start = [], 0
+        for c in self.counts:
+            parts.append(flat[start:start + n * c].reshape(n, c))
+            start += n * c
+        return np.concatenate(parts, axis=1)
+
+    def argmax(self, local):
+        """Greedy token of each row [N] without gathering the logits (lowest id on ties)."""
+        tp, xp = self.comms.tp, self.xp
+        idx = xp.argmax(local, axis=1)
+        best = _host(xp.take_along_axis(local, idx[:, None], axis=1)[:, 0]).astype(np.float32)
+        ids = _host(idx).astype(np.int64) + self.plan.vocab.start
+        if tp.size == 1:
+            return ids
+        n = best.shape[0]
+        vals = _host(ring_allgather(tp, xp.asarray(best), kind="tp_argmax")).reshape(tp.size, n)
+        cand = _host(ring_allgather(tp, xp.asarray(ids), kind="tp_argmax")).reshape(tp.size, n)
+        winner = np.argmax(vals, axis=0)  # first rank with the max: lowest vocab id
+        return cand[winner, np.arange(n)]
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
