@@ -105,8 +105,9 @@ def to_host(xp, a):
 
 
 def generate(model: ReferenceModel, prompts, max_new_tokens: int,
-             sampler: Sampler = Sampler(), keep_logits: bool = True) -> Generation:
+             sampler: Sampler | None = None, keep_logits: bool = True) -> Generation:
     """Prefill every prompt, then decode one token at a time with the KV cache."""
+    sampler = sampler or Sampler()
     xp = model.xp
     n = len(prompts)
     if n == 0 or any(len(p) == 0 for p in prompts):

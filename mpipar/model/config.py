@@ -1,0 +1,373 @@
+"""ModelConfig: the shape of a Qwen3 / Qwen3-MoE model, from a Hugging Face config or a preset.
+
+Two key styles of ``config.json`` are read (both name the same model):
+
+  field (here)            transformers 5 style                older style (most Hub checkpoints)
+  rope_theta              rope_parameters.rope_theta           rope_theta (top level)
+  dtype                   dtype                                torch_dtype
+  num_experts             num_local_experts                    num_experts
+
+Other keys are common: vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+num_key_value_heads (default: num_attention_heads), head_dim (default hidden/heads; Qwen3
+often has heads*head_dim != hidden, e.g. 0.6B: 16*128 = 2048 vs hidden 1024),
+intermediate_size, rms_norm_eps, tie_word_embeddings, and for qwen3_moe
+num_experts_per_tok, moe_intermediate_size, norm_topk_prob, decoder_sparse_step,
+mlp_only_layers. Layer ``i`` is sparse (MoE) when ``i not in mlp_only_layers`` and
+``(i+1) % decoder_sparse_step == 0``; otherwise it has a dense MLP of ``intermediate_size``.
+
+Parameter count (weights only, no biases; Qwen3 has none):
+  attention  = hidden*(heads + 2*kv)*head_dim + heads*head_dim*hidden + 2*head_dim
+  dense MLP  = 3*hidden*intermediate          MoE = experts*3*hidden*moe_inter + experts*hidden
+  total      = vocab*hidden*(1 if tied else 2) + hidden + layers*(attention + mlp + 2*hidden)
+The presets' totals match the published sizes (0.6B: 0.60e9; 30B-A3B: 30.5e9, 3.3e9 active;
+235B-A22B: 235e9, 22e9 active); tests/test_config.py checks this.
+
+Every ModelConfig is validated when built: an impossible shape raises ConfigError naming
+the field and its value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a supported model; the message names the field."""
+
+
+MODEL_TYPES = ("qwen3", "qwen3_moe")
+DTYPES = ("float32", "float16", "bfloat16")
+# ModelConfig field -> Hugging Face key (for messages and for writing config.json)
+HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+           "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+           "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+           "intermediate_size": "intermediate_size", "rms_norm_eps": "rms_norm_eps",
+           "rope_theta": "rope_theta", "tie_word_embeddings": "tie_word_embeddings",
+           "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+           "moe_intermediate_size": "moe_intermediate_size",
+           "norm_topk_prob": "norm_topk_prob", "decoder_sparse_step": "decoder_sparse_step",
+           "mlp_only_layers": "mlp_only_layers", "model_type": "model_type",
+           "dtype": "torch_dtype", "max_position_embeddings": "max_position_embeddings"}
+
+
+def _bad(name: str, value, why: str) -> ConfigError:
+    hf = HF_KEYS.get(name, name)
+    label = name if hf == name else f"{name} ({hf})"
+    return ConfigError(f"{label} = {value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = False
+    # MoE (num_experts == 0: dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = field(default_factory=tuple)
+    model_type: str = "qwen3"
+    dtype: str = "float32"  # checkpoint dtype as declared (float32 | float16 | bfloat16)
+    name: str = ""
+    max_position_embeddings: int = 40960
+
+    def __post_init__(self):
+        try:
+            if isinstance(self.mlp_only_layers, (str, bytes)):
+                raise TypeError
+            layers = tuple(int(i) for i in (self.mlp_only_layers or ()))
+        except (TypeError, ValueError):
+            raise _bad("mlp_only_layers", self.mlp_only_layers,
+                       "must be a list of layer indices") from None
+        object.__setattr__(self, "mlp_only_layers", layers)
+        if self.model_type == "qwen3" and self.num_experts > 0:
+            object.__setattr__(self, "model_type", "qwen3_moe")
+        self.validate()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen3-MoE rule: sparse when not in mlp_only_layers and (layer+1) % step == 0."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and self.decoder_sparse_step > 0 and (layer + 1) % self.decoder_sparse_step == 0)
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self, active: bool = False) -> int:
+        """Weight count; ``active``: only the experts_per_tok experts a token uses."""
+        h = self.hidden_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 2 * self.head_dim
+        n = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
+        for i in range(self.num_layers):
+            if self.is_moe_layer(i):
+                k = self.num_experts_per_tok if active else self.num_experts
+                mlp = k * 3 * h * self.moe_intermediate_size + self.num_experts * h
+            else:
+                mlp = 3 * h * self.intermediate_size
+            n += attn + mlp + 2 * h
+        return n
+
+    # ---- validation ----------------------------------------------------------------
+    def validate(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise _bad("model_type", self.model_type, f"not supported (supported: "
+                       f"{', '.join(MODEL_TYPES)})")
+        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise _bad(f, v, "must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise _bad("num_kv_heads", self.num_kv_heads, f"num_heads = {self.num_heads} is "
+                       "not a multiple of it (GQA groups must be whole)")
+        if self.head_dim % 2:
+            raise _bad("head_dim", self.head_dim, "must be even (RoPE rotates half pairs)")
+        for f in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise _bad(f, v, "must be a positive number")
+        for f in ("tie_word_embeddings", "norm_topk_prob"):
+            if not isinstance(getattr(self, f), bool):
+                raise _bad(f, getattr(self, f), "must be true or false")
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, f"not one of {', '.join(DTYPES)}")
+        for f in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "intermediate_size", "max_position_embeddings"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise _bad(f, v, "must be a non-negative integer")
+        if self.model_type == "qwen3_moe":
+            if self.num_experts <= 0:
+                raise _bad("num_experts", self.num_experts, "a qwen3_moe model needs experts")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise _bad("num_experts_per_tok", self.num_experts_per_tok,
+                           f"must be in 1..num_experts = {self.num_experts}")
+            if self.moe_intermediate_size <= 0:
+                raise _bad("moe_intermediate_size", self.moe_intermediate_size,
+                           "must be a positive integer")
+            if self.decoder_sparse_step <= 0:
+                raise _bad("decoder_sparse_step", self.decoder_sparse_step,
+                           "must be a positive integer")
+            bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise _bad("mlp_only_layers", list(self.mlp_only_layers),
+                           f"layer(s) {bad} outside 0..{self.num_layers - 1}")
+        if (any(not self.is_moe_layer(i) for i in range(self.num_layers))
+                and self.intermediate_size <= 0):
+            raise _bad("intermediate_size", self.intermediate_size,
+                       "must be a positive integer (the model has dense MLP layers)")
+
+    # ---- conversions ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of the fields (for reports); ModelConfig(**d) rebuilds it."""
+        d = dataclasses.asdict(self)
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**d)
+
+    def to_hf(self, style: str = "v4") -> dict:
+        """A Hugging Face config.json dict; style "v4" (rope_theta, torch_dtype,
+        num_experts) or "v5" (rope_parameters, dtype, num_local_experts)."""
+        arch = "Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"
+        d = {"architectures": [arch], "model_type": self.model_type,
+             "attention_bias": False, "hidden_act": "silu", "use_sliding_window": False}
+        moe_only = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+        for f, key in HF_KEYS.items():
+            if f not in ("model_type", "dtype", "rope_theta") and (self.is_moe
+                                                                   or f not in moe_only):
+                d[key] = getattr(self, f)
+        if self.is_moe:
+            d["mlp_only_layers"] = list(self.mlp_only_layers)
+        if style == "v4":
+            d.update(rope_theta=self.rope_theta, rope_scaling=None, torch_dtype=self.dtype)
+        elif style == "v5":
+            d.update(rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+                     dtype=self.dtype)
+            if self.is_moe:
+                d["num_local_experts"] = d.pop("num_experts")
+        else:
+            raise ValueError(f"style must be 'v4' or 'v5', not {style!r}")
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_hf(cls, path_or_dict, name: str | None = None) -> ModelConfig:
+        """From a config.json path, a model directory, or an already-parsed dict."""
+        return load_config(path_or_dict, name=name)
+
+
+def _read_json(path: str) -> dict:
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config {path}: top level is {type(d).__name__}, not an object")
+    return d
+
+
+def _rope_theta(d: dict):
+    """rope_theta from either style; refuses rope variants (yarn, ...) the math lacks."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    for key, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+        kind = p.get("rope_type", p.get("type", "default")) if isinstance(p, dict) else p
+        if kind not in ("default", None):
+            raise _bad(f"{key}.rope_type", kind, "only plain RoPE ('default') is supported")
+    if "rope_theta" in d:
+        return d["rope_theta"]
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params["rope_theta"]
+    return 10000.0  # transformers' Qwen3Config default
+
+
+def _hf_get(d: dict, key: str, *alts, required=False, default=None):
+    for k in (key, *alts):
+        if d.get(k) is not None:
+            return d[k]
+    if required:
+        names = " or ".join((key, *alts))
+        raise ConfigError(f"missing required field {names}")
+    return default
+
+
+def load_config(path_or_dict, name: str | None = None) -> ModelConfig:
+    """Parse a Hugging Face Qwen3 / Qwen3-MoE config (either key style) into ModelConfig."""
+    where = ""
+    if isinstance(path_or_dict, dict):
+        d = path_or_dict
+    else:
+        path = os.fspath(path_or_dict)
+        d = _read_json(path)
+        where = path
+        if name is None:
+            base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+            name = os.path.basename(os.path.normpath(base))
+    try:
+        return _parse(d, name or "")
+    except ConfigError as e:
+        if where:
+            raise ConfigError(f"config {where}: {e}") from None
+        raise
+
+
+def _parse(d: dict, name: str) -> ModelConfig:
+    mt = d.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise _bad("model_type", mt, f"not supported (supported: {', '.join(MODEL_TYPES)})")
+    for key, ok in (("attention_bias", False), ("use_sliding_window", False)):
+        if d.get(key, ok) not in (ok, None):
+            raise _bad(key, d[key], f"only {str(ok).lower()} is supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise _bad("hidden_act", d["hidden_act"], "only silu is supported")
+    if d.get("quantization_config"):
+        raise _bad("quantization_config", d["quantization_config"].get("quant_method"),
+                   "quantized checkpoints are not supported (use the bf16 release)")
+    kinds = set(d.get("layer_types") or ()) - {"full_attention"}
+    if kinds:
+        raise _bad("layer_types", sorted(kinds), "only full_attention is supported")
+    req = dict(required=True)
+    hidden = _hf_get(d, "hidden_size", **req)
+    heads = _hf_get(d, "num_attention_heads", **req)
+    kw = dict(
+        vocab_size=_hf_get(d, "vocab_size", **req), hidden_size=hidden,
+        num_layers=_hf_get(d, "num_hidden_layers", **req), num_heads=heads,
+        num_kv_heads=_hf_get(d, "num_key_value_heads", default=heads),
+        rms_norm_eps=_hf_get(d, "rms_norm_eps", default=1e-6),
+        rope_theta=_rope_theta(d),
+        tie_word_embeddings=_hf_get(d, "tie_word_embeddings", default=False),
+        model_type=mt, dtype=_hf_get(d, "torch_dtype", "dtype", default="float32"),
+        max_position_embeddings=_hf_get(d, "max_position_embeddings", default=40960),
+        name=name)
+    hd = d.get("head_dim")
+    if hd is None:
+        if not (isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+                and hidden % heads == 0):
+            raise _bad("head_dim", None, f"absent, and hidden_size = {hidden!r} is not a "
+                       f"multiple of num_attention_heads = {heads!r}")
+        hd = hidden // heads
+    kw["head_dim"] = hd
+    if mt == "qwen3_moe":
+        kw.update(
+            num_experts=_hf_get(d, "num_experts", "num_local_experts", **req),
+            num_experts_per_tok=_hf_get(d, "num_experts_per_tok", **req),
+            moe_intermediate_size=_hf_get(d, "moe_intermediate_size", **req),
+            norm_topk_prob=_hf_get(d, "norm_topk_prob", default=False),  # transformers' default
+            decoder_sparse_step=_hf_get(d, "decoder_sparse_step", default=1),
+            mlp_only_layers=_hf_get(d, "mlp_only_layers", default=()),
+            intermediate_size=_hf_get(d, "intermediate_size", default=0))
+    else:
+        kw.update(intermediate_size=_hf_get(d, "intermediate_size", **req))
+    return ModelConfig(**kw)
+
+
+# ---- presets ---------------------------------------------------------------------------
+# Published shapes (Hugging Face Qwen/<name>/config.json); all bfloat16, rope_theta 1e6,
+# rms_norm_eps 1e-6, max_position_embeddings 40960, every MoE layer sparse, norm_topk_prob.
+_QWEN = dict(vocab_size=151936, head_dim=128, rope_theta=1e6, dtype="bfloat16")
+_MOE = dict(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8,
+            norm_topk_prob=True, decoder_sparse_step=1)
+PRESETS: dict[str, ModelConfig] = {p.name: p for p in (
+    ModelConfig(name="qwen3-0.6b", hidden_size=1024, num_layers=28, num_heads=16,
+                num_kv_heads=8, intermediate_size=3072, tie_word_embeddings=True, **_QWEN),
+    ModelConfig(name="qwen3-30b-a3b", hidden_size=2048, num_layers=48, num_heads=32,
+                num_kv_heads=4, intermediate_size=6144, moe_intermediate_size=768,
+                **_QWEN, **_MOE),
+    ModelConfig(name="qwen3-235b-a22b", hidden_size=4096, num_layers=94, num_heads=64,
+                num_kv_heads=4, intermediate_size=12288, moe_intermediate_size=1536,
+                **_QWEN, **_MOE),
+    # Default model of programs/transformer.py (random weights). Every split divides it:
+    # tp in {1,2,4,8} (16 q heads, 8 kv heads -> kv is split, not replicated, up to tp=8;
+    # moe_inter 64, intermediate 256, vocab 512 all multiples of 8), pp in {1,2,4} (4 layers),
+    # ep in {1,2,4,8} (8 experts). GQA (2 q heads per kv head) and heads*head_dim = 256 !=
+    # hidden = 128 (as in real Qwen3) are exercised, so a slip in either shows up.
+    ModelConfig(name="builtin-moe", vocab_size=512, hidden_size=128, num_layers=4,
+                num_heads=16, num_kv_heads=8, head_dim=16, intermediate_size=256,
+                model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=64, norm_topk_prob=True, max_position_embeddings=4096),
+    # Dense benchmark shape compared against PyTorch: 166.2e6 weights (665 MB float32).
+    ModelConfig(name="bench-166m", vocab_size=32000, hidden_size=1024, num_layers=8,
+                num_heads=16, num_kv_heads=8, head_dim=64, intermediate_size=3072,
+                max_position_embeddings=4096),
+    # Mid-size dense model for TP benchmarks: 307e6 weights (1.23 GB float32, 614 MB bf16);
+    # big enough matmuls (2048 x 5120) that TP compute dominates; divides tp up to 8.
+    ModelConfig(name="bench-dense-300m", vocab_size=32000, hidden_size=2048, num_layers=4,
+                num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=5120,
+                max_position_embeddings=4096),
+)}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
