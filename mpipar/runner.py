@@ -10,6 +10,7 @@ whole MPI job (exit 1) rather than leaving the others hanging in a collective.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -172,6 +173,8 @@ def run(argv, world=None) -> int:
     check = args.check if args.check is not None else config.num_params() <= CHECK_PARAMS_MAX
     keep_logits = check or bool(args.save_logits)
     ledger.reset()
+    if os.environ.get("MPIPAR_FAIL_RANK") == str(rank):  # fault injection, for the tests
+        raise RuntimeError(f"MPIPAR_FAIL_RANK={rank}: injected failure before generate")
     gen = model.generate(prompts, args.max_new_tokens, sampler, args.prefill_chunks,
                          keep_logits)
     per_rank = model.report()

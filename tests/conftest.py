@@ -8,8 +8,9 @@
   in a collective the failed rank left), the job is aborted: a non-zero exit, no hang.
 - A test that hangs trips pytest-timeout (thread method), which exits that process;
   mpirun then ends the whole job.
-- ``@pytest.mark.launcher`` tests (they start mpirun or sbatch themselves) run on world
-  rank 0 only; the other ranks wait, sleeping.
+- ``@pytest.mark.launcher`` tests (they start mpirun or sbatch themselves) and
+  ``@pytest.mark.rank0`` tests (pure, costly, nothing to gain from running N times) run on
+  world rank 0 only; the other ranks wait, sleeping.
 - Ranks other than 0 print only their failures.
 """
 
@@ -19,9 +20,10 @@ import os
 import sys
 import time
 
-import mpipar  # noqa: F401  (sets one BLAS thread per rank before numpy/MPI load)
 import pytest
 from mpi4py import MPI
+
+import mpipar  # noqa: F401  (sets one BLAS thread per rank before numpy/MPI load)
 
 WORLD = MPI.COMM_WORLD
 RANK_WAIT_S = 60.0
@@ -47,7 +49,8 @@ def sleepy_allreduce_max(value: int, deadline_s: float) -> int | None:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "launcher: runs on rank 0 only")
+    config.addinivalue_line("markers", "launcher: starts mpirun/sbatch; runs on rank 0 only")
+    config.addinivalue_line("markers", "rank0: pure test run on world rank 0 only")
     if WORLD.Get_size() > 1 and WORLD.Get_rank() != 0:
         # Quiet progress on the other ranks; their failures still print at the end.
         config.option.verbose = -1
@@ -56,9 +59,9 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     if WORLD.Get_rank() != 0:
-        skip = pytest.mark.skip(reason="launcher test: runs on world rank 0 only")
+        skip = pytest.mark.skip(reason="runs on world rank 0 only")
         for item in items:
-            if "launcher" in item.keywords:
+            if "launcher" in item.keywords or "rank0" in item.keywords:
                 item.add_marker(skip)
 
 
@@ -76,7 +79,7 @@ def _ranks_agree(request):
     if WORLD.Get_size() == 1:
         return
     me_failed = getattr(request.node, "_mpipar_failed", False)
-    launcher = "launcher" in request.node.keywords
+    launcher = "launcher" in request.node.keywords or "rank0" in request.node.keywords
     wait = RANK_WAIT_S if me_failed else (3600.0 if launcher else 600.0)
     worst = sleepy_allreduce_max(int(me_failed), wait)
     if worst is None:

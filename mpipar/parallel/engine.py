@@ -52,7 +52,7 @@ class ParallelModel:
         ids, segments = pack(token_lists)
         self.forward_tokens.append(int(ids.shape[0]))
         x = self.head.embed_tokens(ids) if self.pipe.first else self.pipe.recv_activation()
-        for block, layer_caches in zip(self.blocks, caches):
+        for block, layer_caches in zip(self.blocks, caches, strict=True):
             x = block.forward(x, layer_caches, segments, self.stats)
         if not self.pipe.last:
             self.pipe.send_activation(x)
@@ -67,9 +67,10 @@ class ParallelModel:
             return self.head.argmax(local), full
         return sampler.sample(full, seq_ids, step), full
 
-    def generate(self, prompts, max_new_tokens: int, sampler: Sampler = Sampler(),
+    def generate(self, prompts, max_new_tokens: int, sampler: Sampler | None = None,
                  prefill_chunks: int = 1, keep_logits: bool = False):
         """All prompts in, Generation out on world rank 0 (None elsewhere)."""
+        sampler = sampler or Sampler()
         layout, co = self.comms.layout, self.comms.coords
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
@@ -149,7 +150,7 @@ class ParallelModel:
         if world.rank != 0:
             return None
         parts = []
-        for d, r in enumerate(reporters):
+        for r in reporters:
             if r == 0:
                 parts.append(result)
                 continue

@@ -1,0 +1,131 @@
+"""The parallel engine against the transformers-made fixtures, in every layout of this world.
+
+Runs under any world size W: every (tp, pp, dp) with tp*pp*dp = W and every valid ep, with
+one and with several prefill chunks, on both checkpoints, with a batch of two prompts of
+unequal lengths (so dp = 4 has replicas without prompts). Rank 0 checks tokens and logits
+against the fixtures; every rank's ledger must equal the cost model's prediction.
+"""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mpipar.layout import Layout, LayoutError, make_comms
+from mpipar.model.checkpoint import CheckpointReader
+from mpipar.model.init import RandomWeights
+from mpipar.model.reference import ReferenceModel, generate
+from mpipar.model.sampling import Sampler
+from mpipar.parallel.engine import ParallelModel
+from mpipar.parallel.predict import predict_rank
+from mpipar.parallel.shard import check_layout
+
+TOL = 1e-4
+
+
+def layouts(world_size, n_experts):
+    for tp, pp in itertools.product(range(1, world_size + 1), repeat=2):
+        if world_size % (tp * pp):
+            continue
+        dp = world_size // (tp * pp)
+        for ep in range(1, tp * dp + 1):
+            if (tp * dp) % ep == 0 and (ep == 1 or (n_experts and n_experts % ep == 0)):
+                yield Layout(tp=tp, pp=pp, dp=dp, ep=ep)
+
+
+def load_refs(folder):
+    ref = json.load(open(os.path.join(folder, "ref.json")))
+    return {
+        "prompts": [ref["prompt_a"], ref["prompt_b"]],
+        "tokens": np.array(ref["greedy_generate_batch"]),
+        "logits_a": np.load(os.path.join(folder, "ref_logits.npy"))[0],
+        "logits_b": np.load(os.path.join(folder, "ref_logits_b.npy"))[0],
+        "decode_a": np.load(os.path.join(folder, "ref_decode_logits.npy")),
+    }
+
+
+def check_ledger(model, layout, config):
+    """On rank 0: measured bytes == predicted bytes for every predicted kind, every rank."""
+    per_rank = model.report()
+    if per_rank is None:
+        return
+    for r in per_rank:
+        for kind, want in predict_rank(config, layout, r).items():
+            got = r["ledger"].get(kind, {}).get("sent_bytes", 0)
+            assert got == want, (layout, r["rank"], kind, got, want)
+
+
+@pytest.mark.parametrize("name", ["qwen3-tiny", "qwen3-moe-tiny"])
+def test_every_layout_matches_transformers(world, fixtures_dir, name):
+    folder = os.path.join(fixtures_dir, name)
+    source = CheckpointReader(folder)
+    refs = load_refs(folder)
+    config = source.config
+    for layout in layouts(world.Get_size(), config.num_experts):
+        for chunks in (1, 3):
+            comms = make_comms(layout, world)
+            model = ParallelModel(comms, source)
+            gen = model.generate(refs["prompts"], 8, prefill_chunks=chunks, keep_logits=True)
+            check_ledger(model, layout, config)
+            if world.Get_rank() != 0:
+                continue
+            where = f"{name} {layout} chunks={chunks}"
+            assert np.array_equal(gen.tokens, refs["tokens"]), where
+            pl = gen.prompt_logits
+            assert pl.shape == (2, 12, config.vocab_size), where
+            assert np.abs(pl[0] - refs["logits_a"]).max() < TOL, where
+            assert np.abs(pl[1, :7] - refs["logits_b"]).max() < TOL, where
+            assert np.isnan(pl[1, 7:]).all(), where
+            assert np.abs(gen.decode_logits[0] - refs["decode_a"]).max() < TOL, where
+
+
+def test_random_model_matches_reference_with_sampling(world):
+    """Built-in preset, random weights, uneven prompts, temperature sampling: same draws."""
+    from mpipar.model.config import get_preset
+    source = RandomWeights(get_preset("builtin-moe"), seed=3)
+    prompts = [[5, 9, 200, 31, 7], [1, 2, 3], [400, 17, 17, 17, 90, 91, 92, 93, 94]]
+    sampler = Sampler(temperature=0.8, top_p=0.9, seed=11)
+    ref = None
+    if world.Get_rank() == 0:
+        ref = generate(ReferenceModel(source), prompts, 5, sampler)
+    n = world.Get_size()
+    lay = Layout(tp=n, ep=n) if n in (1, 2, 4, 8) else Layout(pp=n)
+    model = ParallelModel(make_comms(lay, world), source)
+    gen = model.generate(prompts, 5, sampler, prefill_chunks=2, keep_logits=True)
+    if world.Get_rank() == 0:
+        assert np.array_equal(gen.tokens, ref.tokens)
+        assert np.nanmax(np.abs(gen.prompt_logits - ref.prompt_logits)) < TOL
+        assert np.abs(gen.decode_logits - ref.decode_logits).max() < TOL
+
+
+def test_kv_heads_replicated_when_tp_exceeds_them():
+    """tp > kv heads: each kv head lives on tp/kv ranks (qwen3-tiny has 2 kv heads)."""
+    from mpipar.model.config import ModelConfig
+    from mpipar.parallel.shard import make_plan
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=2,
+                      head_dim=8, intermediate_size=48)
+    plans = [make_plan(cfg, Layout(tp=4), r) for r in range(4)]
+    assert [list(p.kv_heads) for p in plans] == [[0], [0], [1], [1]]
+    assert [p.kv_replication for p in plans] == [2, 2, 2, 2]
+    assert [list(p.q_heads) for p in plans] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+@pytest.mark.parametrize("kwargs, cfg_kw, words", [
+    ({"tp": 3}, {}, ["tp=3", "8 attention heads"]),
+    ({"tp": 8}, {"num_kv_heads": 3, "num_heads": 24}, ["tp=8", "3 kv heads"]),
+    ({"pp": 5}, {}, ["pp=5", "4"]),
+    ({"tp": 2, "ep": 2}, {}, ["ep=2", "dense"]),
+    ({"tp": 4, "ep": 4}, {"num_experts": 6, "num_experts_per_tok": 2,
+                          "moe_intermediate_size": 8}, ["ep=4", "6 experts"]),
+])
+def test_layouts_the_model_cannot_split_are_refused(kwargs, cfg_kw, words):
+    from mpipar.model.config import ModelConfig
+    base = dict(vocab_size=64, hidden_size=32, num_layers=4, num_heads=8, num_kv_heads=2,
+                head_dim=8, intermediate_size=48)
+    base.update(cfg_kw)
+    with pytest.raises(LayoutError) as e:
+        check_layout(ModelConfig(**base), Layout(**kwargs))
+    for w in words:
+        assert w in str(e.value)
