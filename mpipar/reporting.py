@@ -93,8 +93,9 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
             if "rows_per_rank" in el:
                 print(f"EP rows computed per rank {el['rows_per_rank']}, max/mean "
                       f"{el['rank_max_over_mean']:.2f}")
-    mismatch = [k for k, v in rec["ledger"].items() if any(
-        p is not None and p != m for m, p in zip(v["measured_bytes"], v["predicted_bytes"], strict=True))]
+    mismatch = [k for k, v in rec["ledger"].items()
+                if any(p is not None and p != m
+                       for m, p in zip(v["measured_bytes"], v["predicted_bytes"], strict=True))]
     if mismatch:
         print(f"ledger differs from the cost model for: {', '.join(mismatch)}")
     else:

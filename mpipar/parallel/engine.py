@@ -52,8 +52,9 @@ class ParallelModel:
         ids, segments = pack(token_lists)
         self.forward_tokens.append(int(ids.shape[0]))
         x = self.head.embed_tokens(ids) if self.pipe.first else self.pipe.recv_activation()
-        for block, layer_caches in zip(self.blocks, caches, strict=True):
-            x = block.forward(x, layer_caches, segments, self.stats)
+        with self.comms.ledger.span(f"forward {ids.shape[0]} tokens", "stage"):
+            for block, layer_caches in zip(self.blocks, caches, strict=True):
+                x = block.forward(x, layer_caches, segments, self.stats)
         if not self.pipe.last:
             self.pipe.send_activation(x)
             return None, segments
