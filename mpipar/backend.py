@@ -1,15 +1,19 @@
 """Array backend: numpy on CPU or cupy on GPU, chosen once per process.
 
-- ``select_device(flag)``: ``--device cpu|gpu|auto``; ``MPIPAR_DEVICE`` overrides the
-  default; auto means gpu when CuPy imports and sees a GPU, else cpu.
+- ``select_device(flag)``: ``--device cpu|gpu|auto``; ``MPIPAR_DEVICE`` sets the default;
+  auto means gpu when CuPy imports and sees a GPU, else cpu.
 - ``bind_gpu(world_comm)``: a rank takes GPU ``local_rank % n_gpus``, local_rank from a
   shared-memory sub-communicator (``Split_type(COMM_TYPE_SHARED)``), before any CUDA
-  work; more ranks than GPUs share them round-robin.
+  work; more ranks than GPUs on a node share them round-robin.
 - ``cuda_aware()``: whether MPI can read GPU memory: ``MPIPAR_CUDA_AWARE=0|1`` if set,
-  else ``MPIX_Query_cuda_support`` from libmpi through ctypes, else False.
-- ``Transport``: how a device array reaches MPI. CUDA-aware: the array itself, after
-  the producing stream is synchronised. Otherwise: copied through pinned host buffers,
-  reused per size, and counted in the ledger as ``staging_d2h`` / ``staging_h2d``.
+  else ``MPIX_Query_cuda_support()`` from libmpi through ctypes (MPICH and Open MPI
+  export it), else False.
+- ``Transport``: how a device array reaches MPI (the protocol of ``comm/dtypes.py``).
+  CUDA-aware: the device array itself, once the stream that wrote it is synchronised.
+  Otherwise: staged through pinned host buffers. They come from CuPy's pinned memory
+  pool, so a buffer freed after a message is reused by the next one of its size rather
+  than allocated again; each copy is counted in the ledger (``staging_d2h`` /
+  ``staging_h2d``, bytes copied).
 """
 
 from __future__ import annotations
@@ -61,14 +65,19 @@ def local_rank(world_comm) -> tuple[int, int]:
     return out
 
 
+def gpu_for(local: int, n_gpus: int) -> int:
+    """Round-robin: local rank -> GPU index."""
+    return local % n_gpus
+
+
 def bind_gpu(world_comm):
-    """Pick this rank's GPU; returns (cupy, gpu index, node ranks, gpus on the node)."""
+    """Pick this rank's GPU; returns (cupy, gpu index, ranks on the node, gpus on it)."""
     cupy = _cupy()
     if cupy is None:
         raise DeviceError("no GPU visible to CuPy")
     lrank, lsize = local_rank(world_comm)
     n_gpus = cupy.cuda.runtime.getDeviceCount()
-    gpu = lrank % n_gpus
+    gpu = gpu_for(lrank, n_gpus)
     cupy.cuda.Device(gpu).use()
     return cupy, gpu, lsize, n_gpus
 
@@ -80,53 +89,45 @@ def cuda_aware() -> bool:
     try:
         from mpi4py import MPI  # noqa: F401  (loads libmpi into the process)
         query = ctypes.CDLL(None).MPIX_Query_cuda_support
-        query.restype = ctypes.c_int
-        return bool(query())
     except (AttributeError, OSError):
         return False
+    query.restype = ctypes.c_int
+    return bool(query())
 
 
 class Transport:
-    """Hands device arrays to MPI (see module docstring); host arrays pass through."""
+    """Device arrays <-> MPI buffers (see module docstring); host arrays pass through.
 
-    def __init__(self, xp, aware: bool, ledger=None):
+    ``xp`` is the device array module (cupy); ``alloc_host(nbytes)`` returns a buffer
+    object for pinned host memory (default: ``xp.cuda.alloc_pinned_memory``).
+    """
+
+    def __init__(self, xp, aware: bool, ledger=None, alloc_host=None):
         self.xp, self.aware, self.ledger = xp, aware, ledger
-        self._pinned = {}  # nbytes -> pinned host numpy buffer
+        self.alloc_host = alloc_host or (lambda n: xp.cuda.alloc_pinned_memory(n))
 
-    def _host_buffer(self, nbytes: int, dtype, shape):
-        buf = self._pinned.get(nbytes)
-        if buf is None:
-            mem = self.xp.cuda.alloc_pinned_memory(max(nbytes, 1))
-            buf = np.frombuffer(mem, dtype=np.uint8, count=max(nbytes, 1))
-            self._pinned[nbytes] = buf
-        return buf[:nbytes].view(dtype).reshape(shape)
+    def _record(self, kind, nbytes, t):
+        if self.ledger is not None:
+            self.ledger.record(kind, 0, nbytes, time.perf_counter() - t, t)
 
-    def to_mpi(self, a):
-        """An array MPI can read: the device array (aware) or a staged host copy."""
-        if isinstance(a, np.ndarray):
-            return a
+    def to_mpi(self, arr):
+        """An array MPI can read and write, holding ``arr``'s data."""
+        if not hasattr(arr, "get"):  # a host array (cupy arrays have .get())
+            return arr
         if self.aware:
             self.xp.cuda.get_current_stream().synchronize()
-            return a
+            return arr
         t = time.perf_counter()
-        host = self._host_buffer(a.nbytes, a.dtype, a.shape)
-        a.get(out=host)
-        if self.ledger is not None:
-            self.ledger.record("staging_d2h", 0, 0, time.perf_counter() - t, t)
+        mem = self.alloc_host(max(arr.nbytes, 1))
+        host = np.frombuffer(mem, dtype=arr.dtype, count=arr.size).reshape(arr.shape)
+        arr.get(out=host)
+        self._record("staging_d2h", arr.nbytes, t)
         return host
 
-    def empty(self, shape, dtype):
-        """A receive buffer MPI can write: device (aware) or host (staged)."""
-        if self.aware:
-            return self.xp.empty(shape, dtype=dtype)
-        return np.empty(shape, dtype=dtype)
-
-    def from_mpi(self, a):
-        """A received buffer -> a device array."""
-        if not isinstance(a, np.ndarray):
-            return a
+    def from_mpi(self, buf, arr) -> None:
+        """After a receive into ``buf = to_mpi(arr)``: make ``arr`` hold the data."""
+        if buf is arr:
+            return
         t = time.perf_counter()
-        out = self.xp.asarray(a)
-        if self.ledger is not None:
-            self.ledger.record("staging_h2d", 0, 0, time.perf_counter() - t, t)
-        return out
+        arr.set(buf)
+        self._record("staging_h2d", arr.nbytes, t)

@@ -57,14 +57,6 @@ def pytest_configure(config):
         config.option.reportchars = "fE"
 
 
-def pytest_collection_modifyitems(config, items):
-    if WORLD.Get_rank() != 0:
-        skip = pytest.mark.skip(reason="runs on world rank 0 only")
-        for item in items:
-            if "launcher" in item.keywords or "rank0" in item.keywords:
-                item.add_marker(skip)
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -73,20 +65,31 @@ def pytest_runtest_makereport(item, call):
         item._mpipar_failed = True
 
 
+def _abort(nodeid):
+    sys.stderr.write(f"[rank {WORLD.Get_rank()}] other ranks did not finish {nodeid}; "
+                     "aborting the job\n")
+    sys.stderr.flush()
+    WORLD.Abort(1)
+
+
 @pytest.fixture(autouse=True)
 def _ranks_agree(request):
-    yield
+    """After each test every rank takes part in one agreement (see module docstring)."""
     if WORLD.Get_size() == 1:
+        yield
         return
+    rank0_only = "launcher" in request.node.keywords or "rank0" in request.node.keywords
+    if rank0_only and WORLD.Get_rank() != 0:
+        # Wait (sleeping) for rank 0 to run it, join its agreement, then skip here.
+        if sleepy_allreduce_max(0, 3600.0) is None:
+            _abort(request.node.nodeid)
+        pytest.skip("runs on world rank 0 only")
+    yield
     me_failed = getattr(request.node, "_mpipar_failed", False)
-    launcher = "launcher" in request.node.keywords or "rank0" in request.node.keywords
-    wait = RANK_WAIT_S if me_failed else (3600.0 if launcher else 600.0)
+    wait = RANK_WAIT_S if me_failed else (3600.0 if rank0_only else 600.0)
     worst = sleepy_allreduce_max(int(me_failed), wait)
     if worst is None:
-        sys.stderr.write(f"[rank {WORLD.Get_rank()}] other ranks did not finish "
-                         f"{request.node.nodeid}; aborting the job\n")
-        sys.stderr.flush()
-        WORLD.Abort(1)
+        _abort(request.node.nodeid)
     if worst and not me_failed:
         pytest.fail("failed on another rank", pytrace=False)
 

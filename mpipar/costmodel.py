@@ -1,0 +1,300 @@
+"""The seed's cost model: weights, KV cache and communication per rank, as pure functions.
+
+Notation: h hidden size, b bytes per element, L layers, H query heads, KV kv heads, d
+head_dim, V vocab, I dense intermediate, E experts, k experts per token (top_k), m
+moe_intermediate; layout tp = t, pp = p, dp, ep = l.  "GB" is 1e9 bytes (the seed's
+80 - 235*2/8 = 21.25 uses decimal units throughout).
+
+Parameters (Qwen3 has no biases):
+  attention/layer = h*H*d (q) + 2*h*KV*d (k, v) + H*d*h (o) + 2*d (q_norm, k_norm)
+  dense MLP/layer = 3*h*I        MoE/layer = E*3*h*m (experts) + E*h (router)
+  norms/layer = 2*h;  embedding = V*h;  lm_head = V*h unless tied;  final norm = h
+  active per token: the same with k instead of E experts (router, embedding included).
+
+Weights per rank (the stage's layers; the tp rank holding the most):
+  layers: contiguous stages, the first L % p stages get one more (``stage_layers``);
+  q, o: H/t heads; k, v: max(KV/t, 1) heads -- when t > KV each kv head is replicated
+  on t/KV ranks (``kv_duplication_factor``); dense MLP: ceil(I/t) columns;
+  experts: l > 1: E/l whole experts; l = 1: all E, each with ceil(m/t) columns;
+  router, norms, q/k norms: replicated; embedding (stage 0) and lm_head (last stage):
+  vocab-parallel, ceil(V/t) rows; a tied lm_head costs a second copy only when p > 1.
+
+KV cache per rank per token = layers_of_stage * 2 (k and v) * max(KV/t, 1) * d * b.
+
+Communication (ring algorithms; every rank sends and receives the same amount):
+  all-reduce of S bytes over n ranks: reduce-scatter + all-gather, each rank sends
+  2(n-1)/n*S and receives as much, 4(n-1)/n*S in all (``allreduce_bytes_seed``).
+  TP: two all-reduces of the activation [tokens, h] per layer (after o_proj and after
+  down_proj), so per token over k layers: sent = recv = 4k(n-1)h*b/n, the seed's
+  8k(n-1)h/n elements of traffic (sent + received). (mpipar's all-reduce sends small
+  messages, such as one decode token, by recursive doubling instead: log2(n)*S per rank;
+  ``exact_allreduce_sent(..., algorithm="auto")`` gives what it really moves.)
+  PP: one activation [tokens, h] per stage boundary: (p-1)*h*b per token for the whole
+  pipeline; a rank of stage s sends h*b (s < p-1) and receives h*b (s > 0).
+  EP, the seed's "top_k*h/l per token": our reading -- the T tokens of an EP group are
+  spread evenly over its l ranks; each rank dispatches its T/l tokens, each copied to k
+  experts, so per token of the group each rank sends k*h*b/l in dispatch and the same
+  back in combine. That count includes the copies whose expert lives on the sending rank;
+  under uniform routing a share 1/l stays home, so the bytes that really move are
+  k*h*b*(l-1)/l**2 per group token per rank (``ep_bytes_per_token_expected``; 0 at
+  l = 1, where the seed's expression would still say k*h). For measured routing, see
+  ``ep_alltoall_bytes``: bytes = rows sent to other ranks * h * b, combine mirrors it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "f32": 4, "float16": 2, "fp16": 2, "f16": 2,
+               "bfloat16": 2, "bf16": 2}
+
+
+def dtype_size(name) -> int:
+    """Bytes per element of a dtype name (bf16, fp16, fp32 and their long names)."""
+    if isinstance(name, int) and not isinstance(name, bool) and name > 0:
+        return name
+    try:
+        return DTYPE_BYTES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(DTYPE_BYTES)})") from None
+
+
+class Traffic(NamedTuple):
+    """Bytes one rank sends and receives (per token, per call: as the function says)."""
+    sent: float
+    recv: float
+
+    @property
+    def total(self) -> float:
+        return self.sent + self.recv
+
+    def __add__(self, other):  # element-wise, unlike tuple concatenation
+        return Traffic(self.sent + other.sent, self.recv + other.recv)
+
+    def scale(self, f: float) -> Traffic:
+        return Traffic(self.sent * f, self.recv * f)
+
+
+# ---- parameters -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamCounts:
+    attention: int  # one layer: q, k, v, o + q_norm, k_norm
+    layer_norms: int  # one layer: input + post-attention RMSNorm
+    dense_mlp: int  # one dense layer: gate, up, down
+    expert: int  # one expert: gate, up, down
+    router: int  # one MoE layer: gate [E, h]
+    per_layer: tuple  # total of each layer
+    embedding: int
+    lm_head: int  # 0 when tied (shares the embedding)
+    final_norm: int
+    experts: int  # all experts of all layers
+    total: int
+    active: int  # per token: k experts per MoE layer instead of E
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding - self.lm_head
+
+
+def param_counts(config) -> ParamCounts:
+    """Parameter counts of a Qwen3 / Qwen3-MoE config (formulas in the module docstring)."""
+    c = config
+    h, d = c.hidden_size, c.head_dim
+    attn = h * c.num_heads * d + 2 * h * c.num_kv_heads * d + c.num_heads * d * h + 2 * d
+    dense = 3 * h * c.intermediate_size
+    expert = 3 * h * c.moe_intermediate_size
+    router = c.num_experts * h
+    per_layer, experts, inactive = [], 0, 0
+    for i in range(c.num_layers):
+        if c.is_moe_layer(i):
+            per_layer.append(attn + 2 * h + router + c.num_experts * expert)
+            experts += c.num_experts * expert
+            inactive += (c.num_experts - c.num_experts_per_tok) * expert
+        else:
+            per_layer.append(attn + 2 * h + dense)
+    emb = c.vocab_size * h
+    head = 0 if c.tie_word_embeddings else emb
+    total = sum(per_layer) + emb + head + h
+    return ParamCounts(attn, 2 * h, dense, expert, router, tuple(per_layer), emb, head, h,
+                       experts, total, total - inactive)
+
+
+# ---- layout: stages, shards --------------------------------------------------------------
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Contiguous layer ranges of the pp stages; the first num_layers % pp get one more."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pp = {pp} stages for {num_layers} layers: need 1 <= pp <= layers")
+    q, r = divmod(num_layers, pp)
+    bounds = [0]
+    for s in range(pp):
+        bounds.append(bounds[-1] + q + (1 if s < r else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+
+
+def kv_heads_per_rank(config, tp: int) -> int:
+    """kv heads a TP rank holds: KV/tp, or 1 (replicated) when tp > KV."""
+    kv = config.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ValueError(f"tp = {tp} and {kv} kv heads: neither divides the other")
+    return max(kv // tp, 1)
+
+
+def kv_duplication_factor(config, tp: int) -> int:
+    """How many TP ranks hold each kv head (and its cache): tp/KV when tp > KV, else 1."""
+    return tp * kv_heads_per_rank(config, tp) // config.num_kv_heads
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rank_params(config, layout, stage: int) -> dict:
+    """Parameters held by the fullest rank of ``stage``, by component (module docstring)."""
+    c, t = config, layout.tp
+    h, d = c.hidden_size, c.head_dim
+    if c.num_heads % t:
+        raise ValueError(f"tp = {t} does not divide {c.num_heads} query heads")
+    layers = stage_layers(c.num_layers, layout.pp)[stage]
+    last = stage == layout.pp - 1
+    hq, hkv = c.num_heads // t, kv_heads_per_rank(c, t)
+    out = dict(attention=0, norms=0, dense_mlp=0, router=0, experts=0, embedding=0,
+               lm_head=0)
+    for i in layers:
+        out["attention"] += 2 * h * hq * d + 2 * h * hkv * d
+        out["norms"] += 2 * h + 2 * d
+        if c.is_moe_layer(i):
+            out["router"] += c.num_experts * h
+            if layout.ep > 1:
+                out["experts"] += c.num_experts // layout.ep * 3 * h * c.moe_intermediate_size
+            else:
+                out["experts"] += c.num_experts * 3 * h * _ceil(c.moe_intermediate_size, t)
+        else:
+            out["dense_mlp"] += 3 * h * _ceil(c.intermediate_size, t)
+    rows = _ceil(c.vocab_size, t) * h
+    if stage == 0:
+        out["embedding"] = rows
+    if last:
+        out["norms"] += h
+        if not c.tie_word_embeddings or layout.pp > 1:
+            out["lm_head"] = rows
+    return out
+
+
+def weight_bytes_per_rank(config, layout, dtype_bytes, stage: int | None = None) -> int:
+    """Weight bytes of the fullest rank of ``stage`` (None: of the fullest stage)."""
+    b = dtype_size(dtype_bytes)
+    stages = range(layout.pp) if stage is None else [stage]
+    return max(sum(rank_params(config, layout, s).values()) for s in stages) * b
+
+
+def kv_cache_bytes_per_token(config, layout, dtype_bytes, stage: int | None = None) -> int:
+    """KV-cache bytes per token on one rank: layers * 2 * max(KV/tp, 1) * d * b.
+
+    ``stage`` None: the stage with most layers (stage 0). Replicated kv heads count in full.
+    """
+    b = dtype_size(dtype_bytes)
+    s = 0 if stage is None else stage
+    n_layers = len(stage_layers(config.num_layers, layout.pp)[s])
+    return n_layers * 2 * kv_heads_per_rank(config, layout.tp) * config.head_dim * b
+
+
+# ---- communication: the seed's formulas ---------------------------------------------------
+def allreduce_bytes_seed(nbytes: float, n: int) -> float:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes``: 2(n-1)/n * S (recv equal)."""
+    return 2 * (n - 1) / n * nbytes
+
+
+def allgather_bytes_seed(nbytes: float, n: int) -> float:
+    """Bytes one rank sends in a ring all-gather whose result is ``nbytes``: (n-1)/n * S."""
+    return (n - 1) / n * nbytes
+
+
+def tp_bytes_per_token(hidden: int, tp: int, layers: int, dtype_bytes,
+                       allreduces_per_layer: int = 2) -> Traffic:
+    """Per token per TP rank over ``layers`` layers: 2 all-reduces of h each per layer,
+    sent = recv = 2*layers*2(tp-1)/tp*h*b; sent + recv = 8*layers*(tp-1)*h*b/tp."""
+    s = allreduces_per_layer * layers * allreduce_bytes_seed(hidden * dtype_size(dtype_bytes),
+                                                             tp)
+    return Traffic(s, s)
+
+
+def pp_bytes_per_token(hidden: int, pp: int, dtype_bytes, stage: int | None = None) -> Traffic:
+    """Activation bytes per token. ``stage`` None: the seed's whole-pipeline total
+    (pp-1)*h*b sent (and received); stage s: one rank of it, sends h*b unless last,
+    receives h*b unless first. (Decode's token id travelling back is not counted.)"""
+    a = hidden * dtype_size(dtype_bytes)
+    if stage is None:
+        return Traffic((pp - 1) * a, (pp - 1) * a)
+    return Traffic(a if stage < pp - 1 else 0, a if stage > 0 else 0)
+
+
+def ep_bytes_per_token_seed(top_k: int, hidden: int, ep: int, dtype_bytes) -> Traffic:
+    """The seed's top_k*h*b/l: bytes one rank sends (and receives) in ONE all-to-all
+    (dispatch; combine is the same again) per token of its EP group, self-copies included.
+    0 when ep == 1 (no all-to-all)."""
+    if ep == 1:
+        return Traffic(0, 0)
+    s = top_k * hidden * dtype_size(dtype_bytes) / ep
+    return Traffic(s, s)
+
+
+def ep_bytes_per_token_expected(top_k: int, hidden: int, ep: int, dtype_bytes) -> Traffic:
+    """Expected bytes that leave a rank in one all-to-all per group token under uniform
+    routing: top_k*h*b*(l-1)/l**2 (the seed's figure times (l-1)/l)."""
+    s = top_k * hidden * dtype_size(dtype_bytes) * (ep - 1) / ep ** 2
+    return Traffic(s, s)
+
+
+def ep_alltoall_bytes(counts, rank: int, hidden: int, itemsize: int) -> dict:
+    """Exact bytes of one rank from measured routing.
+
+    ``counts[src][dst]``: rows (token copies, [h] each) rank src sends rank dst in
+    dispatch. Dispatch: sent = sum_{dst != rank} counts[rank][dst]*h*b, recv =
+    sum_{src != rank} counts[src][rank]*h*b; combine returns every row: sent and recv
+    swap. Rows a rank keeps for itself move nothing.
+    """
+    n = len(counts)
+    out = sum(int(counts[rank][j]) for j in range(n) if j != rank) * hidden * itemsize
+    inc = sum(int(counts[i][rank]) for i in range(n) if i != rank) * hidden * itemsize
+    return {"dispatch": Traffic(out, inc), "combine": Traffic(inc, out)}
+
+
+def exact_allreduce_sent(n_elems: int, itemsize: int, n: int, rank: int,
+                         algorithm: str = "ring") -> Traffic:
+    """Bytes ``rank`` sends/receives in mpipar's all-reduce of n_elems, exactly.
+
+    "ring" (default, the seed's algorithm): chunk rounding included, equal to
+    ``allreduce_bytes_seed`` when n divides n_elems. "auto" / "small": what
+    ``ring_allreduce(algorithm=...)`` really does -- messages up to
+    ``mpipar.comm.ring.SMALL_MAX_BYTES`` (one decode token's activation, e.g. 8 KB at
+    h=4096 bf16) go by recursive doubling, log2(n)*S per rank for n a power of two,
+    not 2(n-1)/n*S. Delegates to mpipar.comm.ring.
+    """
+    from .comm.ring import allreduce_bytes
+    sent, recv = allreduce_bytes(n_elems, itemsize, n, rank, algorithm)
+    return Traffic(sent, recv)
+
+
+def comm_per_token(config, layout, dtype_bytes, stage: int) -> dict:
+    """Seed traffic per token of this rank's attention (DP) replica, one rank of ``stage``.
+
+    tp: 2 all-reduces per layer; on an MoE layer with ep > 1 the experts' output is not
+    all-reduced: each TP rank dispatches a disjoint 1/tp share of the (replicated) tokens
+    and the shares are all-gathered back ((tp-1)/tp*h*b sent). pp: ``pp_bytes_per_token``.
+    ep: per MoE layer dispatch + combine, 2*top_k*h*b/tp each way (= top_k*h*b/l per
+    token of the EP group, which holds l/tp replicas' worth of tokens).
+    """
+    c, t = config, layout.tp
+    a = c.hidden_size * dtype_size(dtype_bytes)
+    layers = stage_layers(c.num_layers, layout.pp)[stage]
+    n_moe = sum(1 for i in layers if c.is_moe_layer(i)) if layout.ep > 1 else 0
+    n_ar = 2 * len(layers) - n_moe
+    tp = Traffic(1, 1).scale(n_ar * allreduce_bytes_seed(a, t) + n_moe * allgather_bytes_seed(a, t))
+    ep = Traffic(0, 0)
+    if n_moe:
+        per = ep_bytes_per_token_seed(c.num_experts_per_tok, c.hidden_size, layout.ep,
+                                      dtype_bytes).scale(layout.ep / t)
+        ep = per.scale(2 * n_moe)
+    return {"tp": tp, "pp": pp_bytes_per_token(c.hidden_size, layout.pp, dtype_bytes, stage),
+            "ep": ep}
