@@ -18,12 +18,22 @@ not cover (tp_argmax, tp_logits, ep_counts, result) are not predicted.
 
 from __future__ import annotations
 
-from ..comm.ring import allgather_bytes, allreduce_bytes
+from ..comm.ring import allreduce_bytes
 from .shard import split
 
 PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send", "pp_tokens",
                    "ep_alltoall")
 ITEMSIZE = 4  # activations travel as float32
+
+
+def allgather_bytes(chunk_bytes: list, rank: int) -> tuple[int, int]:
+    """(sent, recv) of a ring all-gather: a rank forwards every chunk but its successor's
+    (which it is the last to receive) and receives every chunk but its own."""
+    n = len(chunk_bytes)
+    if n == 1:
+        return 0, 0
+    total = sum(chunk_bytes)
+    return total - chunk_bytes[(rank + 1) % n], total - chunk_bytes[rank]
 
 
 def predict_rank(config, layout, r: dict) -> dict:
