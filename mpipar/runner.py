@@ -76,6 +76,12 @@ def parse_args(argv):
         raise UsageError("give --model or --preset, not both")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    for flag in ("json", "save_logits", "trace"):  # fail now, not after the whole run
+        path = getattr(args, flag)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: its folder does not exist")
     return args
 
 

@@ -21,7 +21,10 @@ def load_tokenizer(model_dir: str | None):
     except ImportError:
         raise TokenizerError("--prompt needs the tokenizers package: "
                              "pip install 'mpipar[text]'") from None
-    tok = Tokenizer.from_file(path)
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises plain Exception
+        raise TokenizerError(f"{path}: cannot read the tokenizer: {e}") from None
 
     class _Text:
         def encode(self, text: str) -> list[int]:

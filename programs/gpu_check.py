@@ -1,0 +1,147 @@
+"""One-command device check: GPU tests, the program on 4 ranks sharing the GPU, benchmarks.
+
+    python programs/gpu_check.py                # on a GPU machine (fits in 8 minutes)
+    python programs/gpu_check.py --device cpu    # the same steps on the CPU (dry run)
+
+Steps: (1) environment: GPU, MPI library, CUDA-awareness, which transport path runs;
+(2) tests/test_gpu.py on 1 and 4 ranks; (3) programs/transformer.py with 4 ranks
+(sharing one GPU round-robin) on both fixtures and the built-in model in several
+layouts, each checked against the CPU reference; (4) the all-reduce benchmark with
+device buffers; (5) decode time per token, GPU vs CPU, same preset. Ends with one table;
+exit status non-zero if any step failed.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+import mpipar  # noqa: E402,F401  (one BLAS thread per rank)
+from mpipar.launch import run_mpi  # noqa: E402
+
+FIXTURES = os.environ.get("MPIPAR_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
+LAYOUTS = ["--tp 4", "--tp 2 --pp 2 --prefill-chunks 3", "--tp 2 --dp 2 --ep 4",
+           "--pp 4 --prefill-chunks 4"]
+
+
+def environment(device):
+    code = ("import mpipar, json; from mpipar import backend; from mpi4py import MPI; "
+            "out = {'mpi': MPI.Get_library_version().splitlines()[0].strip(), "
+            "'cuda_aware': backend.cuda_aware()}\n"
+            "cp = backend._cupy()\n"
+            "if cp is not None:\n"
+            "    p = cp.cuda.runtime.getDeviceProperties(0)\n"
+            "    out['gpu'] = p['name'].decode(); out['gpus'] = cp.cuda.runtime.getDeviceCount()\n"
+            "print(json.dumps(out))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+    info["path"] = ("cpu" if device == "cpu" else
+                    "cuda-aware" if info.get("cuda_aware") else "host staging")
+    return info
+
+
+def step(rows, name, fn):
+    t = time.monotonic()
+    try:
+        ok, detail = fn()
+    except Exception as e:  # a step's failure is reported, the others still run
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    rows.append((name, "pass" if ok else "FAIL", f"{time.monotonic() - t:.0f}s", detail))
+    print(f"[{rows[-1][1]}] {name}: {detail}", flush=True)
+
+
+def pytest_step(n, env):
+    proc = run_mpi(n, ["-m", "pytest", "-q", os.path.join(ROOT, "tests", "test_gpu.py")],
+                   timeout=240, env=env, cwd=ROOT)
+    tail = [line for line in proc.stdout.splitlines() if " passed" in line or "skipped" in line]
+    return proc.returncode == 0, (tail[-1] if tail else proc.stdout[-300:] + proc.stderr[-300:])
+
+
+def program(n, args, env, timeout=180):
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        proc = run_mpi(n, [os.path.join(ROOT, "programs", "transformer.py"), *args, "--quiet",
+                           "--json", f.name], timeout=timeout, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            return None, (proc.stdout[-400:] + proc.stderr[-400:]).strip()
+        return json.load(open(f.name)), ""
+
+
+def layouts_step(env):
+    results = []
+    for model in ("qwen3-tiny", "qwen3-moe-tiny", None):
+        args = ["--model", os.path.join(FIXTURES, model)] if model else []
+        for lay in LAYOUTS:
+            if model == "qwen3-tiny" and "--ep" in lay:
+                continue
+            rec, err = program(4, [*args, *lay.split(), "--check"], env)
+            results.append((model or "builtin", lay, rec["check"] if rec else f"error {err}"))
+    bad = [r for r in results if r[2] != "pass"]
+    return not bad, f"{len(results) - len(bad)}/{len(results)} runs pass" + (
+        f"; failed: {bad}" if bad else "")
+
+
+def allreduce_step(env, device, table):
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        args = [os.path.join(ROOT, "programs", "bench_allreduce.py"), "--json", f.name,
+                "--max-size", str(64 << 20)]
+        if device == "gpu":
+            args += ["--device", "gpu"]
+        proc = run_mpi(2, args, timeout=200, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            return False, (proc.stdout[-300:] + proc.stderr[-300:]).strip()
+        recs = json.load(open(f.name))
+    big = [r for r in recs if r["size_bytes"] == max(x["size_bytes"] for x in recs)]
+    for r in big:
+        table[f"allreduce busbw {r['method']} 2 ranks {r['size_bytes'] >> 20} MiB"] = \
+            f"{r['busbw_gbs']:.2f} GB/s"
+    return True, ", ".join(f"{r['method']} {r['busbw_gbs']:.2f} GB/s" for r in big)
+
+
+def decode_step(env, device, table):
+    out = []
+    for dev in (["cpu", "gpu"] if device == "gpu" else ["cpu"]):
+        rec, err = program(1, ["--preset", "bench-166m", "--max-new-tokens", "16",
+                               "--no-check", "--device", dev], env, timeout=300)
+        if rec is None:
+            return False, err
+        table[f"decode bench-166m {dev}"] = (f"{rec['tpot_s'] * 1e3:.1f} ms/token, "
+                                             f"{1 / rec['tpot_s']:.1f} tokens/s")
+        out.append(f"{dev} {rec['tpot_s'] * 1e3:.1f} ms/token")
+    return True, ", ".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    p.add_argument("--json", help="write the summary here")
+    args = p.parse_args()
+    env = {"MPIPAR_DEVICE": args.device, "MPIPAR_FIXTURES": FIXTURES}
+    info = environment(args.device)
+    table = {"device": info.get("gpu", "cpu"), "MPI": info.get("mpi", "?"),
+             "transport path": info["path"]}
+    print(json.dumps(info), flush=True)
+    rows = []
+    step(rows, "GPU unit tests, 1 rank", lambda: pytest_step(1, env))
+    step(rows, "GPU unit tests, 4 ranks", lambda: pytest_step(4, env))
+    step(rows, "transformer.py layouts, 4 ranks", lambda: layouts_step(env))
+    step(rows, "all-reduce benchmark", lambda: allreduce_step(env, args.device, table))
+    step(rows, "decode GPU vs CPU", lambda: decode_step(env, args.device, table))
+    print("\n| step | result | time | detail |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print("\n| fact | value |\n| --- | --- |")
+    for k, v in table.items():
+        print(f"| {k} | {v} |")
+    if args.json:
+        json.dump({"steps": rows, "facts": table}, open(args.json, "w"), indent=1)
+    sys.exit(0 if all(r[1] == "pass" for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
