@@ -197,6 +197,11 @@ def run(argv, world=None) -> int:
             verdict = compare(gen, ref)
         record = run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts)
         print_report(record, gen, per_rank, quiet=args.quiet)
+        if args.prompt:  # text prompts: show the continuation as text too
+            from .model.tokenizer import load_tokenizer
+            tok = load_tokenizer(args.model)
+            for i, row in enumerate(gen.tokens):
+                print(f"text[{i}]: {tok.decode(row)!r}")
         write_outputs(args, gen, record)
         status = 1 if verdict.startswith("fail") else 0
     return int(world.bcast(status, root=0))

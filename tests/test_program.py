@@ -120,6 +120,8 @@ def test_text_prompt_with_a_tokenizer(fixtures_dir, tmp_path):
     with open(js, encoding="utf-8") as f:
         rec = json.load(f)
     assert rec["tokens"] == [ref["greedy_generate"]] and rec["check"] == "pass"
+    words = " ".join(f"w{i}" for i in ref["greedy_generate"])
+    assert f"text[0]: {words!r}" in out.text
 
 
 # (args, a word the one error line must contain); {model}: the dense fixture, {tmp}: tmp_path,
