@@ -1,0 +1,330 @@
+"""Hand-coded ring all-reduce (reduce-scatter + all-gather) on point-to-point messages.
+
+The math (the seed's): an all-reduce (SUM) of an array of S bytes over n ranks is
+  1. reduce-scatter: the array is cut into n chunks (``chunk_bounds``); in n-1 steps
+     every rank sends one chunk to its right neighbour, receives one from its left and
+     adds it to its own copy of that chunk. After the last step rank r holds chunk r
+     summed over all ranks.
+  2. all-gather: in n-1 more steps every rank forwards the last complete chunk it got,
+     so all ranks end with every summed chunk.
+Each rank sends (and receives) one chunk per step, 2(n-1) chunks of S/n bytes:
+  bytes sent per rank = 2 (n-1)/n * S   (``ring_bytes`` gives the exact figure with the
+  chunk rounding: chunks of an uneven split differ by one element).
+Time ~ 2(n-1) (alpha + S/(n B)): bandwidth-optimal, but 2(n-1) latencies alpha.
+
+Small messages take recursive doubling instead (``algorithm="small"``; ``auto`` picks
+it up to ``SMALL_MAX_BYTES``): log2(p) exchanges of the whole array with partner
+rank ^ 2^k, p the largest power of two <= n. For n not a power of two the first
+2(n-p) ranks pair up first (the even rank sends its array to the odd one, which adds)
+and the odd ones send the result back at the end. Bytes (``small_bytes``): a rank in
+the power-of-two set sends and receives log2(p) S, an odd pair member one S more each
+way, a rank that sits out sends S and receives S. Time ~ (log2 p (+2)) (alpha + S/B).
+Crossover: at n=2 both send S per rank and recursive doubling has one latency instead
+of two; at n=4 it costs 2S against 1.5S and saves 4 latencies, so it wins while
+S < 8 alpha B. On the 2-core test box alpha is 0.1-0.3 ms (a waiting rank yields its
+core, MPIR_CVAR_ENABLE_HEAVY_YIELD) and B 2-5 GB/s: measured, recursive doubling is
+faster up to 0.25-1 MiB at 4 ranks, hence SMALL_MAX_BYTES = 256 KiB.
+
+Every rank of the group ends with the bitwise same result: in the ring each chunk is
+summed on one rank and then copied; in recursive doubling both partners add the same
+two operands (IEEE addition commutes).
+
+Dtypes: float32/64 and integers (wrap-around, like MPI) move as themselves; bool sums
+as logical OR. float16/bfloat16 move as their 16 bits, so the bytes are those of the
+16-bit array (the cost model's S). Each addition is done in float32 and rounded once
+to 16 bits (what NumPy's and ml_dtypes' 16-bit add does); since a partial sum crosses
+the wire as 16 bits, a result is rounded once per hop: n-1 times in the ring, log2(p)
+(+1) times in recursive doubling. A float32 wire would round once in all but double
+the bytes of the reduce-scatter.
+
+Speed (host arrays; measured against MPICH's Allreduce, see programs/bench_allreduce):
+no copy of the input is made and no per-step buffers: all receives of a pass are
+posted up front straight into the output (a reduce-scatter chunk lands in ``out``, gets
+the local contribution added in place with ``xp.add(out, x, out=out)`` and moves on),
+the step-0 send goes out before any wait, each piece is forwarded as soon as it
+lands, and the all-gather starts with the first finished piece of the reduce-scatter.
+Chunks longer than ``SEGMENT_BYTES`` go in pieces, so the next rank starts on
+the first piece while the rest still arrive. Pieces small enough to stay in cache
+(256 KiB) were slower here: with MPICH's single-copy (CMA) transfers each message costs
+a rendezvous and, on a busy box, a yield of the core, which outweighs the cache misses
+of the add. (Polling a while before MPI's own yielding wait did not pay: no gain at 2
+ranks, 15% slower small messages at 4 ranks on 2 cores.)
+"""
+
+from __future__ import annotations
+
+import time
+
+from .dtypes import buf_spec, recv_done
+
+SMALL_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this many bytes
+SEGMENT_BYTES = 8 << 20        # ring pipeline piece (longer chunks go in pieces)
+TAG = 0x5A11                   # ring: TAG; small path: TAG+1..TAG+3 (p2p default: 0)
+
+
+def chunk_bounds(n_elems: int, n_ranks: int) -> list[tuple[int, int]]:
+    """[(start, stop)] of the n_ranks chunks: the first n_elems % n_ranks one larger."""
+    base, extra = divmod(n_elems, n_ranks)
+    bounds, start = [], 0
+    for i in range(n_ranks):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _bounds_from_counts(counts) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for c in counts:
+        bounds.append((start, start + int(c)))
+        start += int(c)
+    return bounds
+
+
+def ring_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int) -> tuple[int, int]:
+    """(sent, recv) bytes of ``rank`` in a ring all-reduce of n_elems items."""
+    if n_ranks == 1:
+        return 0, 0
+    size = [b - a for a, b in chunk_bounds(n_elems, n_ranks)]
+    n, r = n_ranks, rank
+    sent = sum(size[(r - k - 1) % n] + size[(r - k) % n] for k in range(n - 1))
+    recv = sum(size[(r - k - 2) % n] + size[(r - k - 1) % n] for k in range(n - 1))
+    return sent * itemsize, recv * itemsize
+
+
+def small_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int) -> tuple[int, int]:
+    """(sent, recv) bytes of ``rank`` in the recursive-doubling all-reduce."""
+    if n_ranks == 1:
+        return 0, 0
+    nbytes = n_elems * itemsize
+    p = 1 << (n_ranks.bit_length() - 1)
+    steps = p.bit_length() - 1
+    if rank < 2 * (n_ranks - p):
+        return (nbytes, nbytes) if rank % 2 == 0 else ((steps + 1) * nbytes, (steps + 1) * nbytes)
+    return steps * nbytes, steps * nbytes
+
+
+def allreduce_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int,
+                    algorithm: str = "auto") -> tuple[int, int]:
+    """(sent, recv) of ``ring_allreduce(..., algorithm)`` for this rank."""
+    if _pick(algorithm, n_elems * itemsize) == "small":
+        return small_bytes(n_elems, itemsize, n_ranks, rank)
+    return ring_bytes(n_elems, itemsize, n_ranks, rank)
+
+
+def _pick(algorithm: str, nbytes: int) -> str:
+    if algorithm == "auto":
+        return "small" if nbytes <= SMALL_MAX_BYTES else "ring"
+    if algorithm not in ("ring", "small"):
+        raise ValueError(f"algorithm must be auto, ring or small, not {algorithm!r}")
+    return algorithm
+
+
+class _Pipe:
+    """The non-blocking messages of one pass, with their element counts."""
+
+    def __init__(self, group):
+        self.group, self.sends, self.recvs = group, [], []
+        self.sent = self.recv = 0                  # elements
+
+    def isend(self, arr, dest, tag=TAG) -> None:
+        spec, staged = buf_spec(self.group, arr)
+        self.sends.append((self.group.comm.Isend(spec, dest, tag), staged))
+        self.sent += arr.size
+
+    def irecv(self, arr, source, tag=TAG) -> None:
+        spec, staged = buf_spec(self.group, arr)
+        self.recvs.append((self.group.comm.Irecv(spec, source, tag), staged, arr))
+        self.recv += arr.size
+
+    def wait_recv(self, i: int) -> None:
+        if self.recvs[i] is None:                  # waited already
+            return
+        req, staged, arr = self.recvs[i]
+        req.Wait()
+        recv_done(self.group, staged, arr)
+        self.recvs[i] = None
+
+    def wait_all(self) -> None:
+        for i in range(len(self.recvs)):
+            self.wait_recv(i)
+        for req, _ in self.sends:
+            req.Wait()
+        self.sends, self.recvs = [], []
+
+
+def _pieces(bounds, c, seg, nseg):
+    """The nseg (start, stop) pieces of chunk c (pieces past its end are empty)."""
+    c0, c1 = bounds[c]
+    return [(min(c1, c0 + j * seg), min(c1, c0 + (j + 1) * seg)) for j in range(nseg)]
+
+
+def _segmenting(bounds, itemsize):
+    longest = max(b - a for a, b in bounds)
+    seg = max(1, SEGMENT_BYTES // itemsize)
+    return seg, max(1, -(-longest // seg))      # same on every rank: messages match
+
+
+def _ring(group, src, out, bounds, reduce: bool, gather: bool) -> tuple[int, int]:
+    """One ring pass over flat arrays: reduce-scatter, all-gather, or both (all-reduce).
+
+    reduce: src [N] -> out[bounds[r]] = sum over ranks (other chunks of ``out`` are left
+    holding partial sums; ``out`` must not overlap ``src``). gather (``out[bounds[r]]``
+    holds this rank's chunk): fills every chunk of ``out``. Returns (sent, recv) elements.
+
+    Receives are posted up front, straight into ``out``: in the reduce-scatter, the
+    chunk of step k is received once, gets the local contribution added in place and
+    is sent on at step k+1. Each piece moves on as soon as it is ready; the all-gather
+    starts with the first finished piece of chunk r, its step-0 receive (chunk r-1,
+    which the reduce-scatter never writes) posted from the start too. Its later
+    receives overwrite chunks the reduce-scatter sent from, so they are posted once
+    those sends are done.
+    """
+    xp, n, r = group.xp, group.size, group.rank
+    right, left = (r + 1) % n, (r - 1) % n
+    seg, nseg = _segmenting(bounds, out.itemsize)
+    pipe = _Pipe(group)
+
+    def pieces(c):
+        return _pieces(bounds, c % n, seg, nseg)
+
+    if reduce:
+        for k in range(n - 1):                   # reduce-scatter step k: chunk r-k-2
+            for a, b in pieces(r - k - 2):
+                pipe.irecv(out[a:b], left)
+    gathered = len(pipe.recvs)                   # index of the all-gather's receives
+    if gather:
+        for a, b in pieces(r - 1):               # all-gather step 0: chunk r-1
+            pipe.irecv(out[a:b], left)
+    if reduce:
+        for a, b in pieces(r - 1):
+            pipe.isend(src[a:b], right)          # step 0 sends its raw chunk r-1
+        for k in range(n - 1):
+            for j, (a, b) in enumerate(pieces(r - k - 2)):
+                pipe.wait_recv(k * nseg + j)
+                xp.add(out[a:b], src[a:b], out=out[a:b])
+                if k < n - 2 or gather:          # partial sum on; last step: chunk r done
+                    pipe.isend(out[a:b], right)
+        for req, _ in pipe.sends[:(n - 1) * nseg]:
+            req.Wait()                           # the reduce-scatter's sends are out
+    else:
+        for a, b in pieces(r):
+            pipe.isend(out[a:b], right)
+    if gather:
+        for k in range(1, n - 1):                # all-gather step k: chunk r-k-1
+            for a, b in pieces(r - k - 1):
+                pipe.irecv(out[a:b], left)
+        for k in range(n - 2):
+            for j, (a, b) in enumerate(pieces(r - k - 1)):
+                pipe.wait_recv(gathered + k * nseg + j)
+                pipe.isend(out[a:b], right)
+    pipe.wait_all()
+    return pipe.sent, pipe.recv
+
+
+def _flat(group, x):
+    """Contiguous 1-D view of x (a copy only if x is not contiguous)."""
+    return group.xp.ascontiguousarray(x).reshape(-1)
+
+
+def ring_reduce_scatter(group, x, kind=None):
+    """SUM over ranks of x (any shape, flattened); rank r returns chunk r [len of bounds[r]]."""
+    t = time.perf_counter()
+    src = _flat(group, x)
+    bounds = chunk_bounds(src.size, group.size)
+    a, b = bounds[group.rank]
+    if group.size == 1 or src.size == 0:
+        result = src[a:b].copy()
+        group.ledger.record(kind or group.kind("reduce_scatter"), 0, 0,
+                            time.perf_counter() - t, t)
+        return result
+    out = group.xp.empty_like(src)
+    sent, recv = _ring(group, src, out, bounds, reduce=True, gather=False)
+    group.ledger.record(kind or group.kind("reduce_scatter"), sent * src.itemsize,
+                        recv * src.itemsize, time.perf_counter() - t, t)
+    return out[a:b].copy()
+
+
+def ring_allgather(group, chunk, counts=None, kind=None):
+    """Concatenation over ranks of each rank's 1-D ``chunk`` (counts[i]: rank i's length)."""
+    t = time.perf_counter()
+    xp, n = group.xp, group.size
+    chunk = _flat(group, chunk)
+    counts = [chunk.size] * n if counts is None else [int(c) for c in counts]
+    if counts[group.rank] != chunk.size:
+        raise ValueError(f"chunk has {chunk.size} items, counts says {counts[group.rank]}")
+    bounds = _bounds_from_counts(counts)
+    out = xp.empty(sum(counts), dtype=chunk.dtype)     # [sum(counts)]
+    a, b = bounds[group.rank]
+    out[a:b] = chunk
+    sent = recv = 0
+    if n > 1 and out.size:
+        sent, recv = _ring(group, out, out, bounds, reduce=False, gather=True)
+    group.ledger.record(kind or group.kind("allgather"), sent * out.itemsize,
+                        recv * out.itemsize, time.perf_counter() - t, t)
+    return out
+
+
+def _small_allreduce(group, src, out) -> tuple[int, int]:
+    """Recursive doubling into ``out`` (src is copied there first); element counts."""
+    xp, n, r = group.xp, group.size, group.rank
+    out[...] = src
+    tmp = xp.empty_like(out)                      # [N] partner's partial sum
+    p = 1 << (n.bit_length() - 1)
+    rem = n - p
+    pipe = _Pipe(group)
+    newrank = r - rem if r >= 2 * rem else (r // 2 if r % 2 else -1)
+    if r < 2 * rem:                               # pair up to reach a power of two
+        if r % 2 == 0:
+            pipe.isend(out, r + 1, TAG + 1)
+        else:
+            pipe.irecv(tmp, r - 1, TAG + 1)
+        pipe.wait_all()
+        if r % 2:
+            xp.add(tmp, out, out=out)
+    mask = 1
+    while newrank >= 0 and mask < p:
+        peer_new = newrank ^ mask
+        peer = peer_new * 2 + 1 if peer_new < rem else peer_new + rem
+        pipe.irecv(tmp, peer, TAG + 2)
+        pipe.isend(out, peer, TAG + 2)
+        pipe.wait_all()
+        xp.add(out, tmp, out=out)
+        mask <<= 1
+    if r < 2 * rem:                               # give the sat-out ranks the result
+        if r % 2 == 0:
+            pipe.irecv(out, r + 1, TAG + 3)
+        else:
+            pipe.isend(out, r - 1, TAG + 3)
+        pipe.wait_all()
+    return pipe.sent, pipe.recv
+
+
+def ring_allreduce(group, x, kind=None, algorithm: str = "auto", out=None):
+    """SUM of x over the ranks of ``group``: same shape and dtype as x; x is not modified.
+
+    ``algorithm``: "ring" (reduce-scatter + all-gather), "small" (recursive doubling)
+    or "auto" (small up to SMALL_MAX_BYTES). ``out``: optional contiguous array of x's
+    shape and dtype to write into (may be x itself); returned.
+    """
+    t = time.perf_counter()
+    xp = group.xp
+    src = _flat(group, x)
+    if out is None:
+        out = xp.empty(x.shape, dtype=src.dtype)
+    elif out.shape != x.shape or out.dtype != src.dtype or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous array of x's shape and dtype")
+    flat = out.reshape(-1)                        # [N] view of out
+    sent = recv = 0
+    if group.size == 1 or src.size == 0:
+        flat[...] = src
+    elif _pick(algorithm, src.nbytes) == "small":
+        sent, recv = _small_allreduce(group, src, flat)
+    else:
+        if xp.may_share_memory(flat, src):
+            src = src.copy()                      # out is x: the ring reads x after writing
+        bounds = chunk_bounds(src.size, group.size)
+        sent, recv = _ring(group, src, flat, bounds, reduce=True, gather=True)
+    group.ledger.record(kind or group.kind("allreduce"), sent * src.itemsize,
+                        recv * src.itemsize, time.perf_counter() - t, t)
+    return out
