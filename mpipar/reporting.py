@@ -43,7 +43,8 @@ def run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts) -> d
         "ledger": ledger,
         "ranks": [{"rank": r["rank"], "host": hosts[r["rank"]], **r["coords"],
                    "layers": r["layers"], "experts": r["experts"], "kv_heads": r["kv_heads"],
-                   "kv_cache_bytes": r["kv_cache_bytes"]} for r in per_rank],
+                   "kv_cache_bytes": r["kv_cache_bytes"],
+                   "kv_replication": r["kv_replication"]} for r in per_rank],
         "expert_load": _load(pairs, rows, layout) if config.is_moe else None,
     }
 
@@ -69,6 +70,12 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
             print(f" {r['rank']:4d} | {r['host'][:12]:12s} | {r['pp']:5d} {_rng(r['layers']):8s}"
                   f" | {_rng(r['kv_heads']):8s} | {_rng(r['experts']):8s} | "
                   f"{r['kv_cache_bytes'] / 1024:.1f} KiB")
+        rep = max(r["kv_replication"] for r in rec["ranks"])
+        if rep > 1:
+            kv = sum(r["kv_cache_bytes"] for r in rec["ranks"])
+            print(f"kv heads replicated: tp={lay['tp']} > kv heads, so each kv head and its "
+                  f"cache live on {rep} TP ranks; of {kv / 1024:.1f} KiB of KV cache in the "
+                  f"job, {kv * (rep - 1) / rep / 1024:.1f} KiB are copies (x{rep} memory)")
     for i, row in enumerate(rec["tokens"]):
         print(f"tokens[{i}]: {' '.join(map(str, row))}")
     print(f"time to first token {rec['ttft_s'] * 1e3:.2f} ms, time per output token "

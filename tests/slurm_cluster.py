@@ -162,9 +162,11 @@ class SlurmCluster:
         return os.path.join(self.dir, "munge.sock")
 
     def env(self, extra: dict | None = None) -> dict:
-        """Environment for clients (sbatch, sinfo) and, through sbatch, for the job."""
+        """Environment for clients (sbatch, sinfo) and, through sbatch, for the job;
+        a variable given as None in ``extra`` is left out."""
         from mpipar.launch import clean_env
-        return clean_env({"SLURM_CONF": self.conf, MARKER: self.dir, **(extra or {})})
+        env = clean_env({"SLURM_CONF": self.conf, MARKER: self.dir, **(extra or {})})
+        return {k: v for k, v in env.items() if v is not None}
 
     # -- start / stop --------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str]) -> None:

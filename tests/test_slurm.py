@@ -1,5 +1,9 @@
 """slurm/two_node.sh, unchanged, on a real (local) Slurm cluster of two compute nodes.
 
+The batch scripts one_node.sh and two_node.sh are short: #SBATCH lines and a default
+layout, then they source slurm/mpipar_job.sh (the shared body) from the checkout,
+$MPIPAR_ROOT or else the directory sbatch ran in, since the job runs a spool copy.
+
 The cluster (tests/slurm_cluster.py) is munged + slurmctld + two slurmd on this host,
 nodes "n1" and "n2" advertising 64 CPUs and 8 GPUs each, so the script's
 ``--nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=8`` is granted as
@@ -10,9 +14,10 @@ not PMIx), and the mpirun beside this Python. The output goes to the test's tmp 
 Checked from the job's output: exit code 0, 16 ranks, 8 on each node, every TP group
 on one node, the layout table for tp=4 pp=4, and ``check: pass``; a failing program
 makes ``sbatch --wait`` (hence the test) fail. slurm/one_node.sh runs its TP=4 x PP=2 on
-one node; slurm/cpu_tests.sh runs one small test file at 1 and 4 ranks. Every daemon is
-stopped by pid at the end, also when a test fails. Skipped only where Slurm cannot be
-installed or run (not root).
+one node, finding the shared body through $SLURM_SUBMIT_DIR alone (no MPIPAR_ROOT), and
+stops with a clear message when submitted from outside the checkout; slurm/cpu_tests.sh
+runs one small test file at 1 and 4 ranks. Every daemon is stopped by pid at the end,
+also when a test fails. Skipped only where Slurm cannot be installed or run (not root).
 """
 
 from __future__ import annotations
@@ -51,14 +56,15 @@ def cluster(tmp_path_factory):
         assert not left, f"Slurm processes still running after stop: {left}"
 
 
-def submit(cluster, tmp_path, env: dict | None = None, args=(), script=SCRIPT):
-    """sbatch --wait SCRIPT ARGS; returns (exit code, job output, sbatch output)."""
+def submit(cluster, tmp_path, env: dict | None = None, args=(), script=SCRIPT, cwd=ROOT):
+    """sbatch --wait SCRIPT ARGS in ``cwd``; returns (exit code, job output, sbatch
+    output). A variable given as None in ``env`` is left out of the job's environment."""
     from mpipar.launch import mpirun_path
     job_env = {"MPIPAR_DEVICE": "cpu", "MPIPAR_PYTHON": sys.executable,
                "MPIPAR_ROOT": ROOT, "MPIPAR_SRUN_MPI": "pmi2",
                "MPIPAR_MPIRUN": mpirun_path(), **(env or {})}
     res = cluster.sbatch([f"--output={tmp_path}/job-%j.out", script, *args],
-                         env=job_env, cwd=ROOT, timeout=JOB_TIMEOUT_S)
+                         env=job_env, cwd=cwd, timeout=JOB_TIMEOUT_S)
     text = "".join(open(p).read() for p in sorted(glob.glob(f"{tmp_path}/job-*.out")))
     return res.returncode, text, res.stdout + res.stderr
 
@@ -114,13 +120,22 @@ def test_two_node_mpirun_inside_allocation(cluster, tmp_path):
 
 def test_one_node_default_layout(cluster, tmp_path):
     script = os.path.join(ROOT, "slurm", "one_node.sh")
-    code, text, out = submit(cluster, tmp_path, script=script)
+    code, text, out = submit(cluster, tmp_path, {"MPIPAR_ROOT": None}, script=script)
     why = explain(code, text, out, cluster)
     assert code == 0, why
     assert "layout: tp=4 pp=2 dp=1 ep=1 world=8" in text, why
     where = placement(text)
     assert sorted(where) == list(range(8)) and len(set(where.values())) == 1, why
     assert re.search(r"^check: pass\s*$", text, re.M), why
+
+
+def test_submitted_outside_the_checkout_says_so(cluster, tmp_path):
+    script = os.path.join(ROOT, "slurm", "one_node.sh")
+    code, text, out = submit(cluster, tmp_path, {"MPIPAR_ROOT": None}, script=script,
+                             cwd=str(tmp_path))
+    assert code == 2, explain(code, text, out, cluster)
+    assert f"mpipar: no slurm/mpipar_job.sh in {tmp_path}: run sbatch in the mpipar " \
+        "checkout or set MPIPAR_ROOT" in text, text
 
 
 def test_failing_program_fails_the_job(cluster, tmp_path):

@@ -182,6 +182,7 @@ class ParallelModel:
             "layers": [self.plan.layers.start, self.plan.layers.stop],
             "experts": [self.plan.experts.start, self.plan.experts.stop],
             "kv_heads": [self.plan.kv_heads.start, self.plan.kv_heads.stop],
+            "kv_replication": self.plan.kv_replication,
             "ledger": self.comms.ledger.totals(),
             "forward_tokens": self.forward_tokens,
             "expert_pairs": self.stats.per_expert().tolist(),
