@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         par.add_argument(f"--{name}", type=int, default=1, help=what)
     par.add_argument("--prefill-chunks", type=int, default=1,
                      help="split each prompt into K chunks that flow through the pipeline")
+    par.add_argument("--decode-microbatches", type=int, default=None, metavar="M",
+                     help="decode the sequences in M micro-batches that keep the pipeline "
+                          "stages busy (default 1: pays off only when decode is compute-bound)")
     par.add_argument("--device", choices=("cpu", "gpu", "auto"), default=None,
                      help="array device (default: $MPIPAR_DEVICE or auto)")
     o = p.add_argument_group("output")
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv):
     args = build_parser().parse_args(argv)
+    if args.decode_microbatches is not None and args.decode_microbatches < 1:
+        raise UsageError("--decode-microbatches must be at least 1")
     for name in ("tp", "pp", "dp", "ep", "prefill_chunks", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, "
@@ -182,7 +187,7 @@ def run(argv, world=None) -> int:
     if os.environ.get("MPIPAR_FAIL_RANK") == str(rank):  # fault injection, for the tests
         raise RuntimeError(f"MPIPAR_FAIL_RANK={rank}: injected failure before generate")
     gen = model.generate(prompts, args.max_new_tokens, sampler, args.prefill_chunks,
-                         keep_logits)
+                         keep_logits, args.decode_microbatches)
     per_rank = model.report()
     if args.trace:
         from .trace import write_trace

@@ -89,10 +89,13 @@ class ReferenceModel:
         return hidden @ self.lm_head.T  # [N, V]
 
 
-def pack(token_lists):
-    """[[ids of seq 0], [ids of seq 1], ...] -> ids [N], segments [(seq, start, rows)]."""
+def pack(token_lists, seq_ids=None):
+    """[[ids of seq 0], [ids of seq 1], ...] -> ids [N], segments [(seq, start, rows)].
+
+    ``seq_ids`` names the sequences of the lists (default 0, 1, ...): a segment's seq
+    indexes the caches."""
     ids, segments, start = [], [], 0
-    for seq, toks in enumerate(token_lists):
+    for seq, toks in zip(seq_ids or range(len(token_lists)), token_lists, strict=True):
         if len(toks):
             segments.append((seq, start, len(toks)))
             ids.extend(int(t) for t in toks)

@@ -25,7 +25,7 @@ from ..model.reference import pack
 from ..model.sampling import Generation, Sampler, pad_prompt_logits
 from .ep import RoutingStats
 from .pp import Pipeline, chunk_prompts
-from .shard import make_plan
+from .shard import make_plan, split
 from .tp import TPBlock, VocabParallelHead
 
 TAG_RESULT = 21
@@ -47,9 +47,9 @@ class ParallelModel:
         self.kv_cache_bytes = 0
         self.n_seqs = self.decode_steps = 0
 
-    def stage_forward(self, token_lists, caches):
+    def stage_forward(self, token_lists, caches, seq_ids=None):
         """Run this stage on one batch of tokens; the last stage returns x [N, h]."""
-        ids, segments = pack(token_lists)
+        ids, segments = pack(token_lists, seq_ids)
         self.forward_tokens.append(int(ids.shape[0]))
         x = self.head.embed_tokens(ids) if self.pipe.first else self.pipe.recv_activation()
         with self.comms.ledger.span(f"forward {ids.shape[0]} tokens", "stage"):
@@ -69,7 +69,8 @@ class ParallelModel:
         return sampler.sample(full, seq_ids, step), full
 
     def generate(self, prompts, max_new_tokens: int, sampler: Sampler | None = None,
-                 prefill_chunks: int = 1, keep_logits: bool = False):
+                 prefill_chunks: int = 1, keep_logits: bool = False,
+                 decode_microbatches: int | None = None):
         """All prompts in, Generation out on world rank 0 (None elsewhere)."""
         sampler = sampler or Sampler()
         layout, co = self.comms.layout, self.comms.coords
@@ -78,6 +79,9 @@ class ParallelModel:
         seq_ids = list(range(co.dp, len(prompts), layout.dp))  # this replica's sequences
         mine = [list(prompts[i]) for i in seq_ids]
         n_seq = self.n_seqs = len(mine)
+        # Memory-bound decode reads every weight once per forward, so M micro-batches
+        # cost M weight reads per step; pipelining repays that only when compute-bound.
+        decode_microbatches = max(1, decode_microbatches or 1)
         self.decode_steps = max_new_tokens - 1
         capacity = max((len(p) for p in mine), default=0) + max_new_tokens
         caches = [[b.new_cache(capacity) for _ in range(n_seq)] for b in self.blocks]
@@ -102,25 +106,32 @@ class ParallelModel:
                     first_rows[seq] = x[start + rows - 1]
         self.pipe.wait_sends()
 
+        # Decode in micro-batches of sequences, so that with P stages up to P of them are
+        # in flight: stage 0 starts micro-batch m+1 while stage 1 works on m.
+        micro = [list(split(n_seq, decode_microbatches, m)) for m in range(decode_microbatches)]
         tokens = np.zeros((n_seq, max_new_tokens), dtype=np.int64)
-        decode_logits = []
+        decode_logits = (np.zeros((n_seq, max_new_tokens, self.config.vocab_size), np.float32)
+                         if keep_logits and last else None)
         t_first = None
         for step in range(max_new_tokens):
-            if step > 0:  # forward the previous token of every sequence
-                prev = (self.pipe.tokens_from_last() if self.pipe.first and not last
-                        else tokens[:, step - 1])
-                x, _ = self.stage_forward([[int(t)] for t in prev], caches)
-                self.pipe.wait_sends()
-            if last:
-                rows = (self.xp.stack(first_rows) if step == 0 else x) if n_seq else \
-                    self.xp.zeros((0, self.config.hidden_size), dtype=np.float32)
-                tokens[:, step], full = self.pick(rows, sampler, keep_logits, seq_ids, step)
+            for mb in micro:
+                if step > 0:  # forward the previous token of the micro-batch's sequences
+                    prev = (self.pipe.tokens_from_last() if self.pipe.first and not last
+                            else tokens[mb, step - 1])
+                    x, _ = self.stage_forward([[int(t)] for t in prev], caches, mb)
+                if not last:
+                    continue
+                rows = (self.xp.stack([first_rows[i] for i in mb]) if step == 0 else x) \
+                    if mb else self.xp.zeros((0, self.config.hidden_size), dtype=np.float32)
+                tokens[mb, step], full = self.pick(rows, sampler, keep_logits,
+                                                   [seq_ids[i] for i in mb], step)
                 if keep_logits:
-                    decode_logits.append(full)
-                if t_first is None:
-                    t_first = time.perf_counter()
+                    decode_logits[mb, step] = full
                 if step + 1 < max_new_tokens:
-                    self.pipe.tokens_to_first(tokens[:, step])
+                    self.pipe.tokens_to_first(tokens[mb, step])
+            self.pipe.wait_sends()
+            if t_first is None:
+                t_first = time.perf_counter()
         t_end = time.perf_counter()
 
         result = None
@@ -131,9 +142,7 @@ class ParallelModel:
                                                  np.zeros((0, self.config.vocab_size),
                                                           np.float32) for r in prompt_rows],
                                                 self.config.vocab_size) if keep_logits else None,
-                decode_logits=np.stack(decode_logits, axis=1) if keep_logits and n_seq else
-                (np.zeros((0, max_new_tokens, self.config.vocab_size), np.float32)
-                 if keep_logits else None),
+                decode_logits=decode_logits,
                 ttft_s=t_first - t0, decode_s=t_end - t_first)
         return self._collect(result, len(prompts), keep_logits)
 
