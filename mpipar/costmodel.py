@@ -122,14 +122,10 @@ def param_counts(config) -> ParamCounts:
 
 # ---- layout: stages, shards --------------------------------------------------------------
 def stage_layers(num_layers: int, pp: int) -> list[range]:
-    """Contiguous layer ranges of the pp stages; the first num_layers % pp get one more."""
-    if not 1 <= pp <= num_layers:
-        raise ValueError(f"pp = {pp} stages for {num_layers} layers: need 1 <= pp <= layers")
-    q, r = divmod(num_layers, pp)
-    bounds = [0]
-    for s in range(pp):
-        bounds.append(bounds[-1] + q + (1 if s < r else 0))
-    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+    """Contiguous layer ranges of the pp stages; the first num_layers % pp get one more
+    (the engine's own partition, ``parallel.shard.stage_layers``)."""
+    from .parallel.shard import stage_layers as engine_stage_layers
+    return engine_stage_layers(num_layers, pp)
 
 
 def kv_heads_per_rank(config, tp: int) -> int:

@@ -70,7 +70,7 @@ def test_stage_layers():
     for L, p in ((94, 4), (7, 3), (16, 16), (3, 1)):
         rs = cm.stage_layers(L, p)
         assert [i for r in rs for i in r] == list(range(L))
-    with pytest.raises(ValueError, match="pp = 5"):
+    with pytest.raises(ValueError, match="pp=5"):
         cm.stage_layers(4, 5)
 
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..comm.ring import chunk_bounds
 from ..layout import Layout, LayoutError
 
 
 def split(n: int, parts: int, i: int) -> range:
-    """Part i of n items split into ``parts`` contiguous pieces (first n%parts one larger)."""
-    base, extra = divmod(n, parts)
-    start = i * base + min(i, extra)
-    return range(start, start + base + (1 if i < extra else 0))
+    """Part i of n items split into ``parts`` contiguous pieces (first n%parts one larger):
+    the ring all-reduce's chunking, so shards and chunks agree."""
+    return range(*chunk_bounds(n, parts)[i])
 
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:
