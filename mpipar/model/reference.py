@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..backend import to_host
 from . import layers as L
 from .sampling import Generation, Sampler, pad_prompt_logits
 
@@ -103,22 +104,17 @@ def pack(token_lists, seq_ids=None):
     return np.asarray(ids, dtype=np.int64), segments
 
 
-def to_host(xp, a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def generate(model: ReferenceModel, prompts, max_new_tokens: int,
              sampler: Sampler | None = None, keep_logits: bool = True) -> Generation:
     """Prefill every prompt, then decode one token at a time with the KV cache."""
     sampler = sampler or Sampler()
-    xp = model.xp
     n = len(prompts)
     if n == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     caches = model.new_caches(n, max(len(p) for p in prompts) + max_new_tokens)
     t0 = time.perf_counter()
     ids, segments = pack(prompts)
-    logits = to_host(xp, model.logits(model.hidden(ids, segments, caches)))
+    logits = to_host(model.logits(model.hidden(ids, segments, caches)))
     last = np.array([start + rows - 1 for _, start, rows in segments])
     step_logits = logits[last]  # [B, V]
     prompt_logits = [logits[s:s + r] for _, s, r in segments] if keep_logits else None
@@ -134,7 +130,7 @@ def generate(model: ReferenceModel, prompts, max_new_tokens: int,
         if step + 1 == max_new_tokens:
             break
         ids, segments = pack([[t] for t in tokens[:, step]])
-        step_logits = to_host(xp, model.logits(model.hidden(ids, segments, caches)))
+        step_logits = to_host(model.logits(model.hidden(ids, segments, caches)))
     t_end = time.perf_counter()
     return Generation(
         tokens=tokens,

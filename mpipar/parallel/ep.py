@@ -29,6 +29,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..backend import to_host
 from ..comm.alltoall import alltoallv
 from ..comm.ring import ring_allgather
 from ..model import layers as L
@@ -50,7 +51,7 @@ class RoutingStats:
         rank 0 counts, so every token is counted once."""
         if share_of is not None and share_of.rank != 0:
             return
-        host = experts.get() if hasattr(experts, "get") else np.asarray(experts)
+        host = to_host(experts)
         self.expert_pairs[layer] += np.bincount(host.ravel(), minlength=self.num_experts)
 
     def per_expert(self) -> np.ndarray:
@@ -72,16 +73,16 @@ def moe_forward(block, x, stats: RoutingStats):
     order = xp.argsort(flat_expert, kind="stable")  # pairs sorted by expert, then token
     per_expert = xp.bincount(flat_expert, minlength=c.num_experts)  # [X]
     per_rank_experts = c.num_experts // ep.size
-    send_counts = _host(per_expert.reshape(ep.size, per_rank_experts).sum(axis=1))
+    send_counts = to_host(per_expert.reshape(ep.size, per_rank_experts).sum(axis=1))
     rows = xs[order // k]  # [n_s*k, h], grouped by owner rank
 
     # Dispatch: how many rows of each of my experts come from each source, then the rows.
     counts_in, _ = alltoallv(ep, per_expert.reshape(ep.size, per_rank_experts),
                              np.ones(ep.size, dtype=np.int64), kind="ep_counts")
     recv, recv_counts = alltoallv(ep, rows, send_counts, kind="ep_alltoall")  # [R, h]
-    counts_in = _host(counts_in)  # [E sources, X/E experts]
+    counts_in = to_host(counts_in)  # [E sources, X/E experts]
     stats.rows_received += int(recv.shape[0])
-    stats.rows_from_others += int(recv.shape[0] - _host(recv_counts)[ep.rank])
+    stats.rows_from_others += int(recv.shape[0] - to_host(recv_counts)[ep.rank])
     stats.rows_sent_away += int(send_counts.sum() - send_counts[ep.rank])
 
     # Compute: rows from each source arrive sorted by expert.
@@ -105,6 +106,3 @@ def moe_forward(block, x, stats: RoutingStats):
     return ring_allgather(tp, xp.ascontiguousarray(ys).ravel(), counts=counts,
                           kind="tp_allgather").reshape(n, h)
 
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import to_host
 from ..comm.ring import ring_allgather, ring_allreduce
 from ..model import layers as L
 from ..model.reference import layer_prefix
@@ -132,10 +133,10 @@ class VocabParallelHead:
         tp, xp = self.comms.tp, self.xp
         n = local.shape[0]
         if tp.size == 1:
-            return _host(local)
+            return to_host(local)
         flat = ring_allgather(tp, xp.ascontiguousarray(local).ravel(),
                               counts=[n * c for c in self.counts], kind="tp_logits")
-        flat = _host(flat)
+        flat = to_host(flat)
         parts, start = [], 0
         for c in self.counts:
             parts.append(flat[start:start + n * c].reshape(n, c))
@@ -146,16 +147,13 @@ class VocabParallelHead:
         """Greedy token of each row [N] without gathering the logits (lowest id on ties)."""
         tp, xp = self.comms.tp, self.xp
         idx = xp.argmax(local, axis=1)
-        best = _host(xp.take_along_axis(local, idx[:, None], axis=1)[:, 0]).astype(np.float32)
-        ids = _host(idx).astype(np.int64) + self.plan.vocab.start
+        best = to_host(xp.take_along_axis(local, idx[:, None], axis=1)[:, 0]).astype(np.float32)
+        ids = to_host(idx).astype(np.int64) + self.plan.vocab.start
         if tp.size == 1:
             return ids
         n = best.shape[0]
-        vals = _host(ring_allgather(tp, xp.asarray(best), kind="tp_argmax")).reshape(tp.size, n)
-        cand = _host(ring_allgather(tp, xp.asarray(ids), kind="tp_argmax")).reshape(tp.size, n)
+        vals = to_host(ring_allgather(tp, xp.asarray(best), kind="tp_argmax")).reshape(tp.size, n)
+        cand = to_host(ring_allgather(tp, xp.asarray(ids), kind="tp_argmax")).reshape(tp.size, n)
         winner = np.argmax(vals, axis=0)  # first rank with the max: lowest vocab id
         return cand[winner, np.arange(n)]
 
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
