@@ -14,9 +14,30 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# Set before numpy/mpi4py load (import mpipar first): many ranks share few cores, so each
-# rank runs one BLAS thread, and MPICH's waiting ranks yield the core instead of
-# spinning (15 idle spinning ranks made 0.6 s of work take 4.7 s on 2 cores).
+# Set before numpy/mpi4py load (import mpipar first). Each rank runs one BLAS thread: the
+# ranks are the parallelism. When a node runs more ranks than it has cores, MPICH's
+# waiting ranks should yield their core instead of spinning (15 idle spinning ranks made
+# 0.6 s of work take 4.7 s on 2 cores); with a core per rank spinning is right (heavy
+# yield raised a 2-rank all-reduce's latency from 7 to 180 us).
+
+
+def _ranks_on_this_node() -> int:
+    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_LOCAL_SIZE"):
+        if _os.environ.get(key, "").isdigit():
+            return int(_os.environ[key])
+    tasks = _os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
+    return int(tasks) if tasks.isdigit() else 1
+
+
+def _cores() -> int:
+    try:
+        return len(_os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return _os.cpu_count() or 1
+
+
 for _k, _v in (("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"),
-               ("MKL_NUM_THREADS", "1"), ("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")):
+               ("MKL_NUM_THREADS", "1")):
     _os.environ.setdefault(_k, _v)
+if _ranks_on_this_node() > _cores():
+    _os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")

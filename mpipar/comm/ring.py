@@ -21,9 +21,11 @@ the power-of-two set sends and receives log2(p) S, an odd pair member one S more
 way, a rank that sits out sends S and receives S. Time ~ (log2 p (+2)) (alpha + S/B).
 Crossover: at n=2 both send S per rank and recursive doubling has one latency instead
 of two; at n=4 it costs 2S against 1.5S and saves 4 latencies, so it wins while
-S < 8 alpha B. On the 2-core test box alpha is 0.1-0.3 ms (a waiting rank yields its
-core, MPIR_CVAR_ENABLE_HEAVY_YIELD) and B 2-5 GB/s: measured, recursive doubling is
-faster up to 0.25-1 MiB at 4 ranks, hence SMALL_MAX_BYTES = 256 KiB.
+S < 8 alpha B. On the 2-core test box alpha is about 5 us with a core per rank and
+0.1-0.3 ms with 4 ranks on 2 cores (a waiting rank yields its core: mpipar/__init__.py),
+and B 2-5 GB/s: measured, recursive doubling is faster up to 0.25-1 MiB at 4 ranks,
+hence SMALL_MAX_BYTES = 256 KiB. Each exchange is one Sendrecv: at this size the cost
+is the number of MPI calls.
 
 Every rank of the group ends with the bitwise same result: in the ring each chunk is
 summed on one rank and then copied; in recursive doubling both partners add the same
@@ -265,39 +267,54 @@ def ring_allgather(group, chunk, counts=None, kind=None):
     return out
 
 
+def _exchange(group, send, recv, peer, tag) -> None:
+    """One Sendrecv with ``peer`` (a single MPI call: the small path is latency-bound)."""
+    sspec, _ = buf_spec(group, send)
+    rspec, staged = buf_spec(group, recv)
+    group.comm.Sendrecv(sspec, peer, tag, rspec, peer, tag)
+    recv_done(group, staged, recv)
+
+
 def _small_allreduce(group, src, out) -> tuple[int, int]:
-    """Recursive doubling into ``out`` (src is copied there first); element counts."""
-    xp, n, r = group.xp, group.size, group.rank
-    out[...] = src
+    """Recursive doubling into ``out``; element counts. ``cur`` is this rank's partial
+    sum: ``src`` until the first addition writes ``out`` (no copy of src is made)."""
+    xp, n, r = group.xp, group.comm.Get_size(), group.comm.Get_rank()
     tmp = xp.empty_like(out)                      # [N] partner's partial sum
     p = 1 << (n.bit_length() - 1)
     rem = n - p
-    pipe = _Pipe(group)
+    sent = recv = 0
+    cur = src
     newrank = r - rem if r >= 2 * rem else (r // 2 if r % 2 else -1)
     if r < 2 * rem:                               # pair up to reach a power of two
         if r % 2 == 0:
-            pipe.isend(out, r + 1, TAG + 1)
+            spec, _ = buf_spec(group, src)
+            group.comm.Send(spec, r + 1, TAG + 1)
+            sent += src.size
         else:
-            pipe.irecv(tmp, r - 1, TAG + 1)
-        pipe.wait_all()
-        if r % 2:
-            xp.add(tmp, out, out=out)
+            spec, staged = buf_spec(group, tmp)
+            group.comm.Recv(spec, r - 1, TAG + 1)
+            recv_done(group, staged, tmp)
+            recv += tmp.size
+            cur = xp.add(tmp, src, out=out)
     mask = 1
     while newrank >= 0 and mask < p:
         peer_new = newrank ^ mask
         peer = peer_new * 2 + 1 if peer_new < rem else peer_new + rem
-        pipe.irecv(tmp, peer, TAG + 2)
-        pipe.isend(out, peer, TAG + 2)
-        pipe.wait_all()
-        xp.add(out, tmp, out=out)
+        _exchange(group, cur, tmp, peer, TAG + 2)
+        sent, recv = sent + cur.size, recv + tmp.size
+        cur = xp.add(cur, tmp, out=out)
         mask <<= 1
     if r < 2 * rem:                               # give the sat-out ranks the result
         if r % 2 == 0:
-            pipe.irecv(out, r + 1, TAG + 3)
+            spec, staged = buf_spec(group, out)
+            group.comm.Recv(spec, r + 1, TAG + 3)
+            recv_done(group, staged, out)
+            recv += out.size
         else:
-            pipe.isend(out, r - 1, TAG + 3)
-        pipe.wait_all()
-    return pipe.sent, pipe.recv
+            spec, _ = buf_spec(group, out)
+            group.comm.Send(spec, r - 1, TAG + 3)
+            sent += out.size
+    return sent, recv
 
 
 def ring_allreduce(group, x, kind=None, algorithm: str = "auto", out=None):
