@@ -1,0 +1,332 @@
+"""Single-process speed: prefill and decode tokens/s of mpipar's forward on one rank,
+as fractions of what this machine's one core can do, beside transformers on PyTorch.
+
+    python programs/bench_single_rank.py [--preset bench-166m] [--prompt-len 256] \\
+        [--decode 32] [--torch auto|off] [--json single.json] [--quick]
+
+Model: "bench-166m" (hidden 1024, 8 layers, 16/8 heads, head_dim 64, intermediate
+3072, vocab 32000, float32, random weights). The engine runs on one rank
+(ParallelModel over MPI.COMM_SELF; no mpirun needed, no communication).
+
+Roofline of one core, measured in the same run:
+  prefill   compute-bound. Work = 2 * (matmul weights of the layers) * N + the causal
+            attention (2 * N^2 * H * d per layer: QK^T and PV over half the square)
+            + the lm_head of the last token. Fraction = (work / TTFT) / sgemm GFLOP/s,
+            the sgemm measured on the prefill's own shape [N, h] x [h, I].
+  decode    memory-bound. Bytes = every weight read once per token (layers, final
+            norm, lm_head; the embedding row is negligible). Fraction = (bytes / TPOT)
+            / copy bandwidth, where copy bandwidth is STREAM's convention
+            (read + write bytes per second of a large ``np.copyto``); the matrix-vector
+            read bandwidth of a large float32 sgemv is printed beside it.
+
+The alternative a user would pick is transformers on PyTorch CPU, one thread (seeded
+here as 28 ms per decode token and 377 prefill tokens/s of 256 tokens). With ``--torch
+auto`` (default), when torch and transformers import, the same shape (Qwen3ForCausalLM,
+float32, random init, sdpa attention, ``torch.set_num_threads(1)``, logits of the last
+token only) is timed in the same run; otherwise that row says why it is absent. Never
+a dependency.
+
+Medians after a warm-up over ``--repeats`` quiet rounds: a round counts when other
+processes kept fewer than 0.2 cores busy meanwhile (``LoadProbe``: /proc/stat busy time
+minus this process's CPU time); up to 4x as many rounds are tried.
+
+BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread before NumPy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import mpipar  # noqa: F401  (one BLAS thread, before numpy loads)
+
+SEEDED_TORCH = {"decode_ms_per_token": 28.0, "prefill_tokens_per_s": 377.0}
+
+
+def busy_cores(seconds: float = 0.5) -> float | None:
+    """Cores kept busy by anything (other jobs) over ``seconds``, from /proc/stat."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    if not os.path.exists("/proc/stat"):
+        return None
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def machine() -> dict:
+    """Facts printed with the results: cores, memory, CPU, BLAS threads, other load."""
+    import platform
+
+    import numpy as np
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    busy = busy_cores()
+    if busy is not None and busy > 0.25:
+        print(f"warning: {busy:.2f} cores busy with other work before the run: "
+              "timings are not reliable", file=sys.stderr)
+    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "cpu": cpu,
+            "numpy": np.__version__, "busy_cores_before": busy,
+            "blas_threads_per_rank": os.environ.get("OPENBLAS_NUM_THREADS")}
+
+
+QUIET_CORES = 0.2  # a round is quiet when other processes kept fewer cores busy
+
+
+class LoadProbe:
+    """Cores that processes outside this job kept busy during a round: machine busy
+    time (/proc/stat) minus the CPU time of the job's own ranks. Collective over
+    ``comm`` (None: this process alone); every rank gets rank 0's figure."""
+
+    def __init__(self, comm=None):
+        self.comm, self.t0 = comm, None
+
+    def _sample(self):
+        import resource
+        import time
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        mine = ru.ru_utime + ru.ru_stime
+        if self.comm is not None:
+            mine = self.comm.allreduce(mine)
+        busy = 0.0
+        if os.path.exists("/proc/stat"):
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        return busy, mine, time.monotonic()
+
+    def start(self):
+        self.t0 = self._sample()
+
+    def stop(self) -> float:
+        (b0, m0, t0), (b1, m1, t1) = self.t0, self._sample()
+        load = max(0.0, (b1 - b0) - (m1 - m0)) / max(t1 - t0, 1e-9)
+        return load if self.comm is None else self.comm.bcast(load, root=0)
+
+
+def quiet_rounds(probe, repeats: int, run_round, max_factor: int = 4) -> dict:
+    """Run ``run_round()`` (-> {variant: seconds}) until ``repeats`` rounds were quiet
+    (at most max_factor*repeats rounds). -> {"median": {variant: median over the quiet
+    rounds, or over all if none was quiet}, "all": rounds, "loads", "quiet"}."""
+    rounds, loads = [], []
+    while (sum(ld < QUIET_CORES for ld in loads) < repeats
+           and len(rounds) < max_factor * repeats):
+        probe.start()
+        rounds.append(run_round())
+        loads.append(probe.stop())
+    quiet = [r for r, ld in zip(rounds, loads, strict=True) if ld < QUIET_CORES]
+    use = quiet or rounds
+    return {"median": {k: statistics.median(r[k] for r in use) for k in rounds[0]},
+            "all": rounds, "loads": loads, "quiet": len(quiet)}
+
+
+def once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return statistics.median([once(fn) for _ in range(max(repeats, 1))])
+
+
+def machine_limits(n: int, h: int, inter: int, mib: int, repeats: int,
+                   patience: int = 4, square: int = 2048) -> dict:
+    """sgemm GFLOP/s (best of the prefill's MLP shapes, weights stored [out, in] as the
+    engine holds them, and a ``square``^3 one), copy and sgemv bandwidth (GB/s)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    shapes = {f"{m}x{k}x{o}": (rng.standard_normal((m, k), dtype=np.float32),
+                               rng.standard_normal((o, k), dtype=np.float32))
+              for m, k, o in ((n, h, inter), (n, inter, h), (square,) * 3)}
+    src = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    mat, x = src.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
+
+    def one_round():
+        out = {name: median_time(lambda a=a, w=w: a @ w.T, 3) for name, (a, w) in shapes.items()}
+        out["copy"] = median_time(lambda: np.copyto(dst, src), 3)
+        out["sgemv"] = median_time(lambda: mat @ x, 3)
+        return out
+
+    res = quiet_rounds(LoadProbe(), repeats, one_round, patience)
+    t = res["median"]
+    gflops = {name: 2 * a.shape[0] * a.shape[1] * w.shape[0] / t[name] / 1e9
+              for name, (a, w) in shapes.items()}
+    best = max(gflops, key=gflops.get)
+    return {"sgemm_gflops": gflops[best], "sgemm_shape": best, "sgemm_all": gflops,
+            "copy_gbs": 2 * src.nbytes / t["copy"] / 1e9,
+            "sgemv_read_gbs": src.nbytes / t["sgemv"] / 1e9, "buffer_mib": mib,
+            "round_other_load_cores": res["loads"], "quiet_rounds": res["quiet"]}
+
+
+def work(config, n: int) -> dict:
+    """Prefill flops of n tokens and decode bytes per token (module docstring)."""
+    from mpipar.costmodel import param_counts
+    c, pc = config, param_counts(config)
+    layer_mm = sum(pc.per_layer) - c.num_layers * (pc.layer_norms + 2 * c.head_dim)
+    attn = c.num_layers * 2 * n * n * c.num_heads * c.head_dim  # causal: half of 4*n^2*H*d
+    head = 2 * c.vocab_size * c.hidden_size
+    weights = sum(pc.per_layer) + pc.final_norm + c.vocab_size * c.hidden_size  # lm_head
+    return {"prefill_flops": 2 * layer_mm * n + attn + head, "decode_bytes": 4 * weights}
+
+
+def bench_mpipar(source, prompt, decode: int, repeats: int, patience: int = 4) -> dict:
+    from mpi4py import MPI
+
+    from mpipar.layout import Layout, make_comms
+    from mpipar.parallel.engine import ParallelModel
+    comms = make_comms(Layout(), MPI.COMM_SELF)
+    model = ParallelModel(comms, source)
+    model.generate([prompt], 1 + decode)  # warm-up
+    res = quiet_rounds(LoadProbe(), repeats, lambda: {
+        "ttft_s": model.generate([prompt], 1).ttft_s,
+        "tpot_s": model.generate([prompt], 1 + decode).tpot_s}, patience)
+    return summary(res)
+
+
+def summary(res) -> dict:
+    return {**res["median"], "ttft_all_s": [r["ttft_s"] for r in res["all"]],
+            "tpot_all_s": [r["tpot_s"] for r in res["all"]],
+            "round_other_load_cores": res["loads"], "quiet_rounds": res["quiet"]}
+
+
+def bench_torch(config, prompt, decode: int, repeats: int, patience: int = 4) -> dict:
+    """transformers Qwen3ForCausalLM on PyTorch CPU, one thread; raises ImportError."""
+    import inspect
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.set_num_threads(1)
+    c = config
+    hf = Qwen3Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                     num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                     intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps,
+                     rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
+                     max_position_embeddings=c.max_position_embeddings)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(hf).to(torch.float32).eval()
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+    ids = torch.tensor([prompt], dtype=torch.long)
+
+    def prefill():
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    def cache_of(out):
+        return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+    def run_decode():
+        out = prefill()
+        t = time.perf_counter()
+        for _ in range(decode):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache_of(out)})
+        return (time.perf_counter() - t) / decode
+
+    with torch.no_grad():
+        run_decode()  # warm-up
+        res = quiet_rounds(LoadProbe(), repeats,
+                           lambda: {"ttft_s": once(prefill), "tpot_s": run_decode()}, patience)
+    return {**summary(res), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="bench-166m")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--decode", type=int, default=32, help="decode tokens timed")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--torch", choices=("auto", "off"), default="auto")
+    p.add_argument("--buffer-mib", type=int, default=512, help="bandwidth test buffer")
+    p.add_argument("--patience", type=int, default=4,
+                   help="at most patience*repeats rounds to find quiet ones")
+    p.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.prompt_len, args.decode, args.repeats = "builtin-moe", 32, 4, 1
+        args.torch, args.buffer_mib, args.patience = "off", 16, 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    meta = machine()  # before the runs: is anything else busy?
+    from mpipar.model.init import open_model
+    source = open_model(preset=args.preset)
+    config = source.config
+    prompt = [(31 * i + 7) % config.vocab_size for i in range(args.prompt_len)]
+    inter = config.intermediate_size if not config.is_moe else config.moe_intermediate_size
+    limits = machine_limits(args.prompt_len, config.hidden_size, inter, args.buffer_mib,
+                            args.repeats, args.patience, 256 if args.quick else 2048)
+    w = work(config, args.prompt_len)
+    rows = {"mpipar": bench_mpipar(source, prompt, args.decode, args.repeats,
+                                    args.patience)}
+    skipped = None
+    if args.torch == "auto":
+        try:
+            rows["transformers"] = bench_torch(config, prompt, args.decode, args.repeats,
+                                               args.patience)
+        except ImportError as e:
+            skipped = f"transformers/torch not installed ({e.name})"
+    else:
+        skipped = "--torch off"
+    records = []
+    for name, r in rows.items():
+        records.append({
+            "impl": name, **r,
+            "prefill_tokens_per_s": args.prompt_len / r["ttft_s"],
+            "decode_tokens_per_s": 1 / r["tpot_s"],
+            "prefill_fraction_of_sgemm": w["prefill_flops"] / r["ttft_s"] / 1e9
+            / limits["sgemm_gflops"],
+            "decode_fraction_of_copy_bw": w["decode_bytes"] / r["tpot_s"] / 1e9
+            / limits["copy_gbs"]})
+    print(f"bench_single_rank: {args.preset}, prompt {args.prompt_len} tokens, {args.decode} "
+          f"decode tokens, median of {args.repeats} after a warm-up; {meta['cpu']}, "
+          f"{meta['cores']} cores, {meta['memory_gib']} GiB; one thread")
+    shapes = ", ".join(f"{k} {v:.0f}" for k, v in limits["sgemm_all"].items())
+    print(f"machine, one core: sgemm {limits['sgemm_gflops']:.1f} GFLOP/s (best of: {shapes}); "
+          f"copy {limits['copy_gbs']:.1f} GB/s (read+write); sgemv read "
+          f"{limits['sgemv_read_gbs']:.1f} GB/s")
+    print(f"work: prefill {w['prefill_flops'] / 1e9:.1f} GFLOP; decode "
+          f"{w['decode_bytes'] / 1e6:.0f} MB of weights per token")
+    print(" impl         | prefill tok/s | of sgemm | decode ms/tok | tok/s | of copy BW")
+    print("--------------+---------------+----------+---------------+-------+-----------")
+    for r in records:
+        print(f" {r['impl']:12s} | {r['prefill_tokens_per_s']:13.1f} | "
+              f"{r['prefill_fraction_of_sgemm']:8.2f} | {1e3 * r['tpot_s']:13.2f} | "
+              f"{r['decode_tokens_per_s']:5.1f} | {r['decode_fraction_of_copy_bw']:9.2f}")
+    if skipped:
+        print(f" transformers | skipped: {skipped}")
+    quiet = ", ".join(f"{n} {r['quiet_rounds']}/{len(r['round_other_load_cores'])}"
+                      for n, r in (("machine limits", limits), *((r["impl"], r) for r in records)))
+    print(f" quiet rounds (other load < {QUIET_CORES} cores) / rounds: {quiet}")
+    print(f" (seeded: transformers {SEEDED_TORCH['prefill_tokens_per_s']:.0f} prefill tok/s, "
+          f"{SEEDED_TORCH['decode_ms_per_token']:.0f} ms/token decode)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "single_rank", "preset": args.preset, "machine": meta,
+                       "limits": limits, "work": w, "seeded_transformers": SEEDED_TORCH,
+                       "torch_skipped": skipped, "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The benchmark programs in their ``--quick`` mode (seconds each): they start their own
+mpirun jobs, finish, and write the JSON their docs promise; and plot_timeline draws a
+PNG from a real ``--trace`` (skipped without matplotlib).
+
+Launcher tests: they run on world rank 0 only. The benchmark drivers are started with
+mpipar.launch.clean_env(), so a driver started from inside an MPI job does not try to
+join it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpipar.launch import clean_env, run_mpi
+
+pytestmark = pytest.mark.launcher
+PROGRAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "programs")
+
+
+def bench(name, tmp_path, *extra, timeout=180):
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, os.path.join(PROGRAMS, f"{name}.py"), "--quick",
+                           "--json", str(out), *extra], capture_output=True, text=True,
+                          timeout=timeout, env=clean_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def positive(x):
+    return isinstance(x, float) and x > 0
+
+
+def test_tp_decode(tmp_path):
+    rec, text = bench("bench_tp_decode", tmp_path)
+    assert rec["machine"]["blas_threads_per_rank"] == "1"
+    got = {(r["tp"], r["batch"]) for r in rec["records"]}
+    assert got == {(1, 1), (2, 1), (1, 2), (2, 2)}
+    for r in rec["records"]:
+        assert r["ranks"] == r["tp"] and positive(r["tpot_s"]), r
+        assert r["breakdown_ms_per_token"]["forward_ms"] > 0
+    assert "TPOT" in text
+
+
+def test_pp_ttft(tmp_path):
+    rec, text = bench("bench_pp_ttft", tmp_path)
+    got = {(r["pp"], r["chunks"]) for r in rec["records"]}
+    assert got == {(1, 1), (1, 4), (2, 1), (2, 4)}
+    assert all(positive(r["ttft_s"]) for r in rec["records"])
+    assert rec["verdict"]["best_chunks"] in (1, 4) and "best K" in text
+
+
+def test_ep_dispatch(tmp_path):
+    rec, _ = bench("bench_ep_dispatch", tmp_path, "--ep", "2")
+    by = {r["routing"]: r for r in rec["records"]}
+    assert set(by) == {"uniform", "zipf", "all-to-one"}
+    for r in by.values():
+        assert r["dispatch_bytes_per_rank"] == r["exact_bytes_per_rank"]
+        assert r["combine_bytes_per_rank"] == r["dispatch_bytes_per_rank"][::-1]  # ep=2
+        assert positive(r["time_s"]) and r["rank_imbalance"] >= 1.0
+    # all-to-one: rank 0 keeps its rows, rank 1 sends all k*T rows; rank 0 gets everything
+    a = by["all-to-one"]
+    t, h, k = a["tokens_per_rank"], a["hidden"], a["top_k"]
+    assert a["dispatch_bytes_per_rank"] == [0, t * k * h * 4]
+    assert a["rank_imbalance"] == 2.0 and a["max_over_seed"] == 1.0
+
+
+def test_ledger(tmp_path):
+    rec, text = bench("bench_ledger", tmp_path)
+    recs = rec["layouts"][0]["records"]
+    assert all(r["matches_exact"] is not False for r in recs)
+    exact = [r for r in recs if r["kind"] in ("tp_allreduce", "pp_send")]
+    assert exact and all(r["ratio"] == pytest.approx(1.0) for r in exact)
+    assert "why a ratio is not 1.00" in text
+
+
+def test_single_rank(tmp_path):
+    rec, _ = bench("bench_single_rank", tmp_path)
+    (r,) = rec["records"]
+    assert r["impl"] == "mpipar" and positive(r["prefill_tokens_per_s"])
+    assert positive(r["decode_tokens_per_s"]) and positive(rec["limits"]["sgemm_gflops"])
+    assert rec["torch_skipped"] == "--torch off"
+
+
+def test_plot_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    trace, png = tmp_path / "t.json", tmp_path / "t.png"
+    ids = ",".join(str((7 * i + 3) % 512) for i in range(24))
+    proc = run_mpi(2, [os.path.join(PROGRAMS, "transformer.py"), "--pp", "2",
+                       "--prefill-chunks", "3", "--prompt-ids", ids, "--max-new-tokens", "3",
+                       "--trace", str(trace), "--quiet", "--no-check"], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = subprocess.run([sys.executable, os.path.join(PROGRAMS, "plot_timeline.py"),
+                          str(trace), "-o", str(png)], capture_output=True, text=True,
+                         timeout=120, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "2 ranks" in out.stdout
+
+
+def test_plot_timeline_bad_input(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out = subprocess.run([sys.executable, os.path.join(PROGRAMS, "plot_timeline.py"),
+                          str(bad), "-o", str(tmp_path / "x.png")], capture_output=True,
+                         text=True, timeout=60, env=clean_env())
+    assert out.returncode == 2 and "error:" in out.stderr
