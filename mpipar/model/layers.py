@@ -55,7 +55,10 @@ def apply_rope(xp, x, cos, sin):
 
 def swiglu(xp, x, w_gate, w_up, w_down):
     """x [N, h]; w_gate, w_up [I, h]; w_down [h, I] -> [N, h] (partial sum if I is a slice)."""
-    return (silu(xp, x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+    gate = x @ w_gate.T  # [N, I]
+    act = gate / (1.0 + xp.exp(-gate))  # silu
+    act *= x @ w_up.T
+    return act @ w_down.T
 
 
 def router_topk(xp, x, w_router, top_k, norm_topk_prob):
@@ -107,13 +110,16 @@ def causal_gqa_attention(xp, q, k, v):
     g = hq // hkv
     qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3)  # [Hkv, g, t, D]
     kt = k.transpose(1, 2, 0)  # [Hkv, D, S]
-    scores = (qg @ kt[:, None]) * (1.0 / float(d) ** 0.5)  # [Hkv, g, t, S]
+    scores = qg @ kt[:, None]  # [Hkv, g, t, S]
+    # In place from here: at long prompts the scores are the biggest array of a layer.
+    scores *= 1.0 / float(d) ** 0.5
     if t > 1:
-        q_pos = xp.arange(s - t, s)[:, None]
-        masked = xp.arange(s)[None, :] > q_pos  # [t, S]
-        scores = xp.where(masked, xp.float32(-xp.inf), scores)
-    p = softmax(xp, scores)
-    out = p @ v.transpose(1, 0, 2)[:, None]  # [Hkv, g, t, D]
+        future = xp.arange(s)[None, :] > xp.arange(s - t, s)[:, None]  # [t, S]
+        xp.copyto(scores, -xp.inf, where=future)
+    scores -= xp.max(scores, axis=-1, keepdims=True)
+    xp.exp(scores, out=scores)
+    scores /= xp.sum(scores, axis=-1, keepdims=True)
+    out = scores @ v.transpose(1, 0, 2)[:, None]  # [Hkv, g, t, D]
     return out.transpose(2, 0, 1, 3).reshape(t, hq, d)
 
 
