@@ -31,9 +31,9 @@ class ReferenceModel:
         self.xp = xp
 
         def read(name):
-            return xp.asarray(source.read(name))
+            return L.linear_weight(xp, source.read(name))
 
-        self.embed = read("model.embed_tokens.weight")  # [V, h]
+        self.embed = xp.asarray(source.read("model.embed_tokens.weight"))  # [V, h], row lookups
         self.final_norm = read("model.norm.weight")
         self.lm_head = read("lm_head.weight")  # [V, h] (embed when tied)
         self.layers = []

@@ -48,7 +48,7 @@ class TPBlock:
         d, p = config.head_dim, layer_prefix(layer)
 
         def read(name, index=None):
-            return xp.asarray(source.read(p + name, index))
+            return L.linear_weight(xp, source.read(p + name, index))
 
         all_cols = slice(None)
         q = slice(plan.q_heads.start * d, plan.q_heads.stop * d)
@@ -110,7 +110,7 @@ class VocabParallelHead:
         self.embed = xp.asarray(source.read("model.embed_tokens.weight", rows)) if embed else None
         if head:
             self.norm = xp.asarray(source.read("model.norm.weight"))
-            self.lm_head = xp.asarray(source.read("lm_head.weight", rows))  # [V_l, h]
+            self.lm_head = L.linear_weight(xp, source.read("lm_head.weight", rows))  # [V_l, h]
         self.counts = [len(split(config.vocab_size, comms.tp.size, t))  # V_t of each rank
                        for t in range(comms.tp.size)]
 
