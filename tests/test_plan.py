@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from mpipar import plan as pl
+from mpipar.launch import clean_env
 from mpipar.model.config import ModelConfig, get_preset
 
 Q235 = get_preset("qwen3-235b-a22b")
@@ -128,6 +129,7 @@ def test_config_json_model(capsys, fixtures_dir):
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "mpipar.plan", *args], cwd=ROOT,
+                          env=clean_env(),
                           capture_output=True, text=True, timeout=60)
 
 

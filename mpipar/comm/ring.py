@@ -57,22 +57,12 @@ from __future__ import annotations
 
 import time
 
+from .chunks import chunk_bounds  # noqa: F401  (part of this module's API)
 from .dtypes import buf_spec, recv_done
 
 SMALL_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this many bytes
 SEGMENT_BYTES = 8 << 20        # ring pipeline piece (longer chunks go in pieces)
 TAG = 0x5A11                   # ring: TAG; small path: TAG+1..TAG+3 (p2p default: 0)
-
-
-def chunk_bounds(n_elems: int, n_ranks: int) -> list[tuple[int, int]]:
-    """[(start, stop)] of the n_ranks chunks: the first n_elems % n_ranks one larger."""
-    base, extra = divmod(n_elems, n_ranks)
-    bounds, start = [], 0
-    for i in range(n_ranks):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 def _bounds_from_counts(counts) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..comm.ring import chunk_bounds
+from ..comm.chunks import chunk_bounds
 from ..layout import Layout, LayoutError
 
 
