@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import time
 
-from .comm.control import gather_object
+from .comm.control import barrier, gather_object
 
 
 def write_trace(path: str, comms, ledger) -> None:
     """Collective: gather every rank's spans on world rank 0 and write ``path`` there."""
     world = comms.world
-    world.comm.Barrier()
+    barrier(world)
     now = time.perf_counter()
     # Shift each rank's spans so that "now" (just after the barrier) is the same instant.
     mine = [(name, cat, t0 - now, t1 - now) for name, cat, t0, t1 in ledger.spans]

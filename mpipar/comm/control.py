@@ -18,6 +18,10 @@ def gather_object(group, obj, root: int = 0):
     return group.comm.gather(obj, root=root)
 
 
+def barrier(group) -> None:
+    group.comm.Barrier()
+
+
 def bcast_object(group, obj, root: int = 0):
     return group.comm.bcast(obj, root=root)
 

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ..comm.control import gather_object
+from ..comm.control import barrier, gather_object
 from ..comm.p2p import recv_array, send_array
 from ..model.reference import pack
 from ..model.sampling import Generation, Sampler, pad_prompt_logits
@@ -90,7 +90,7 @@ class ParallelModel:
         prompt_rows = [[] for _ in range(n_seq)]
         first_rows = [None] * n_seq
         done = [0] * n_seq
-        self.comms.world.comm.Barrier()
+        barrier(self.comms.world)  # every rank starts the clock together
         t0 = time.perf_counter()
 
         for pieces in chunk_prompts(mine, prefill_chunks):
