@@ -227,7 +227,7 @@ def parse_args(argv):
                    help="e.g. tp=2,pp=2 (repeat); default tp=2,pp=2, tp=2,dp=2,ep=4 "
                    "and tp=4")
     p.add_argument("--batch", type=int, default=4, help="prompts")
-    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode", type=int, default=8, help="decode steps D")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="one small layout (smoke test)")

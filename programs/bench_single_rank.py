@@ -23,8 +23,8 @@ The alternative a user would pick is transformers on PyTorch CPU, one thread (se
 here as 28 ms per decode token and 377 prefill tokens/s of 256 tokens). With ``--torch
 auto`` (default), when torch and transformers import, the same shape (Qwen3ForCausalLM,
 float32, random init, sdpa attention, ``torch.set_num_threads(1)``, logits of the last
-token only) is timed in the same run; otherwise that row says why it is absent. Never
-a dependency.
+token only) is timed in the same rounds as mpipar, one after the other, so both see the
+same machine; otherwise that row says why it is absent. Never a dependency.
 
 Medians after a warm-up over ``--repeats`` quiet rounds: a round counts when other
 processes kept fewer than 0.2 cores busy meanwhile (``LoadProbe``: /proc/stat busy time
@@ -185,28 +185,21 @@ def work(config, n: int) -> dict:
     return {"prefill_flops": 2 * layer_mm * n + attn + head, "decode_bytes": 4 * weights}
 
 
-def bench_mpipar(source, prompt, decode: int, repeats: int, patience: int = 4) -> dict:
+def mpipar_runner(source, prompt, decode: int):
+    """-> round function of the engine on one rank: {"ttft_s", "tpot_s"}."""
     from mpi4py import MPI
 
     from mpipar.layout import Layout, make_comms
     from mpipar.parallel.engine import ParallelModel
-    comms = make_comms(Layout(), MPI.COMM_SELF)
-    model = ParallelModel(comms, source)
+    model = ParallelModel(make_comms(Layout(), MPI.COMM_SELF), source)
     model.generate([prompt], 1 + decode)  # warm-up
-    res = quiet_rounds(LoadProbe(), repeats, lambda: {
-        "ttft_s": model.generate([prompt], 1).ttft_s,
-        "tpot_s": model.generate([prompt], 1 + decode).tpot_s}, patience)
-    return summary(res)
+    return lambda: {"ttft_s": model.generate([prompt], 1).ttft_s,
+                    "tpot_s": model.generate([prompt], 1 + decode).tpot_s}
 
 
-def summary(res) -> dict:
-    return {**res["median"], "ttft_all_s": [r["ttft_s"] for r in res["all"]],
-            "tpot_all_s": [r["tpot_s"] for r in res["all"]],
-            "round_other_load_cores": res["loads"], "quiet_rounds": res["quiet"]}
-
-
-def bench_torch(config, prompt, decode: int, repeats: int, patience: int = 4) -> dict:
-    """transformers Qwen3ForCausalLM on PyTorch CPU, one thread; raises ImportError."""
+def torch_runner(config, prompt, decode: int):
+    """-> round function of transformers' Qwen3ForCausalLM on PyTorch CPU, one thread
+    (prefill of the prompt, then greedy decode with the cache); raises ImportError."""
     import inspect
 
     import torch
@@ -228,23 +221,37 @@ def bench_torch(config, prompt, decode: int, repeats: int, patience: int = 4) ->
     def prefill():
         return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
-    def cache_of(out):
-        return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-
     def run_decode():
         out = prefill()
         t = time.perf_counter()
         for _ in range(decode):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache_of(out)})
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache})
         return (time.perf_counter() - t) / decode
 
-    with torch.no_grad():
-        run_decode()  # warm-up
-        res = quiet_rounds(LoadProbe(), repeats,
-                           lambda: {"ttft_s": once(prefill), "tpot_s": run_decode()}, patience)
-    return {**summary(res), "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__}
+    def one_round():
+        with torch.no_grad():
+            return {"ttft_s": once(prefill), "tpot_s": run_decode()}
+
+    one_round()  # warm-up
+    return one_round
+
+
+def compare(runners: dict, repeats: int, patience: int) -> dict:
+    """Time every implementation in the same rounds (one after the other in each round),
+    so a disturbance of the machine hits all of them -> {impl: medians and samples}."""
+    def one_round():
+        return {f"{name} {k}": v for name, run in runners.items() for k, v in run().items()}
+
+    res = quiet_rounds(LoadProbe(), repeats, one_round, patience)
+    out = {}
+    for name in runners:
+        out[name] = {k: res["median"][f"{name} {k}"] for k in ("ttft_s", "tpot_s")}
+        out[name].update({f"{k}_all_s": [r[f"{name} {k}_s"] for r in res["all"]]
+                          for k in ("ttft", "tpot")})
+        out[name].update(round_other_load_cores=res["loads"], quiet_rounds=res["quiet"])
+    return out
 
 
 def parse_args(argv):
@@ -277,17 +284,23 @@ def main(argv=None) -> int:
     limits = machine_limits(args.prompt_len, config.hidden_size, inter, args.buffer_mib,
                             args.repeats, args.patience, 256 if args.quick else 2048)
     w = work(config, args.prompt_len)
-    rows = {"mpipar": bench_mpipar(source, prompt, args.decode, args.repeats,
-                                    args.patience)}
+    runners = {"mpipar": mpipar_runner(source, prompt, args.decode)}
     skipped = None
-    if args.torch == "auto":
+    if args.torch == "auto" and config.is_moe:
+        skipped = "the transformers comparison builds a dense Qwen3: dense presets only"
+    elif args.torch == "auto":
         try:
-            rows["transformers"] = bench_torch(config, prompt, args.decode, args.repeats,
-                                               args.patience)
+            runners["transformers"] = torch_runner(config, prompt, args.decode)
         except ImportError as e:
             skipped = f"transformers/torch not installed ({e.name})"
     else:
         skipped = "--torch off"
+    rows = compare(runners, args.repeats, args.patience)
+    if "transformers" in rows:
+        import torch
+        import transformers
+        rows["transformers"].update(torch=torch.__version__,
+                                    transformers=transformers.__version__)
     records = []
     for name, r in rows.items():
         records.append({
