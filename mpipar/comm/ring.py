@@ -22,10 +22,10 @@ way, a rank that sits out sends S and receives S. Time ~ (log2 p (+2)) (alpha + 
 Crossover: at n=2 both send S per rank and recursive doubling has one latency instead
 of two; at n=4 it costs 2S against 1.5S and saves 4 latencies, so it wins while
 S < 8 alpha B. On the 2-core test box alpha is about 5 us with a core per rank and
-0.1-0.3 ms with 4 ranks on 2 cores (a waiting rank yields its core: mpipar/__init__.py),
-and B 2-5 GB/s: measured, recursive doubling is faster up to 0.25-1 MiB at 4 ranks,
-hence SMALL_MAX_BYTES = 256 KiB. Each exchange is one Sendrecv: at this size the cost
-is the number of MPI calls.
+30-60 us with 4 ranks on 2 cores (0.1-0.3 ms where waiting ranks yield their core, past
+2 ranks per core: mpipar/__init__.py), and B 2-5 GB/s: measured, recursive doubling is
+faster up to 0.25-1 MiB at 4 ranks, hence SMALL_MAX_BYTES = 256 KiB. Each exchange is
+one Sendrecv: at this size the cost is the number of MPI calls.
 
 Every rank of the group ends with the bitwise same result: in the ring each chunk is
 summed on one rank and then copied; in recursive doubling both partners add the same
