@@ -22,10 +22,6 @@ def barrier(group) -> None:
     group.comm.Barrier()
 
 
-def bcast_object(group, obj, root: int = 0):
-    return group.comm.bcast(obj, root=root)
-
-
 def agree(group, error: BaseException | None) -> None:
     """Collective: raise RemoteError on every rank if ``error`` is set on any rank."""
     message = None if error is None else f"{type(error).__name__}: {error}"

@@ -63,7 +63,7 @@ def apply_rope(xp, x, cos, sin):
 def swiglu(xp, x, w_gate, w_up, w_down):
     """x [N, h]; w_gate, w_up [I, h]; w_down [h, I] -> [N, h] (partial sum if I is a slice)."""
     gate = x @ w_gate.T  # [N, I]
-    act = gate / (1.0 + xp.exp(-gate))  # silu
+    act = silu(xp, gate)
     act *= x @ w_up.T
     return act @ w_down.T
 
