@@ -83,9 +83,11 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
           f"(tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} ep={lay['ep']}, "
           f"prefill chunks {rec['prefill_chunks']})")
     if not quiet:
-        print("bytes sent per rank, measured / predicted by the cost model:")
-        kinds = [k for k, v in rec["ledger"].items()
-                 if any(v["measured_bytes"]) or any(p for p in v["predicted_bytes"] if p)]
+        print("bytes sent per rank, measured / predicted by the cost model "
+              "(- : not in the seed's model; headers and counts in --json):")
+        kinds = [k for k, v in rec["ledger"].items()  # model traffic; the rest is in --json
+                 if not k.endswith(("_header", "_counts")) and k != "result"
+                 and (any(v["measured_bytes"]) or any(p for p in v["predicted_bytes"] if p))]
         print(" rank | " + " | ".join(f"{k:>21s}" for k in kinds))
         for r in range(lay["world"]):
             cells = []
