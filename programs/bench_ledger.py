@@ -35,6 +35,7 @@ import sys
 import tempfile
 
 import mpipar  # noqa: F401  (one BLAS thread per rank, before numpy loads)
+from mpipar.benchkit import cpu_seconds  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 SEED_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "ep_alltoall")
@@ -146,17 +147,6 @@ def worker(cfg: dict) -> dict | None:
     return {"layout": cfg["layout"], "preset": cfg["preset"], "batch": cfg["batch"],
             "prompt_len": plen, "decode_steps": d, "ranks": ranks,
             "mpi": MPI.Get_library_version().splitlines()[0].strip()}
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(busy core-seconds of the whole machine, CPU seconds of our finished children)."""
-    import resource
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if not os.path.exists("/proc/stat"):
-        return 0.0, ru.ru_utime + ru.ru_stime
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
 
 
 def launch(n: int, cfg: dict, timeout: float) -> dict:

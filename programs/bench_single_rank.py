@@ -37,100 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 import mpipar  # noqa: F401  (one BLAS thread, before numpy loads)
+from mpipar.benchkit import QUIET_CORES, LoadProbe, machine, quiet_rounds  # noqa: E402
 
 SEEDED_TORCH = {"decode_ms_per_token": 28.0, "prefill_tokens_per_s": 377.0}
-
-
-def busy_cores(seconds: float = 0.5) -> float | None:
-    """Cores kept busy by anything (other jobs) over ``seconds``, from /proc/stat."""
-    import time
-
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-    if not os.path.exists("/proc/stat"):
-        return None
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
-
-
-def machine() -> dict:
-    """Facts printed with the results: cores, memory, CPU, BLAS threads, other load."""
-    import platform
-
-    import numpy as np
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cpu = platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    busy = busy_cores()
-    if busy is not None and busy > 0.25:
-        print(f"warning: {busy:.2f} cores busy with other work before the run: "
-              "timings are not reliable", file=sys.stderr)
-    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "cpu": cpu,
-            "numpy": np.__version__, "busy_cores_before": busy,
-            "blas_threads_per_rank": os.environ.get("OPENBLAS_NUM_THREADS")}
-
-
-QUIET_CORES = 0.2  # a round is quiet when other processes kept fewer cores busy
-
-
-class LoadProbe:
-    """Cores that processes outside this job kept busy during a round: machine busy
-    time (/proc/stat) minus the CPU time of the job's own ranks. Collective over
-    ``comm`` (None: this process alone); every rank gets rank 0's figure."""
-
-    def __init__(self, comm=None):
-        self.comm, self.t0 = comm, None
-
-    def _sample(self):
-        import resource
-        import time
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        mine = ru.ru_utime + ru.ru_stime
-        if self.comm is not None:
-            mine = self.comm.allreduce(mine)
-        busy = 0.0
-        if os.path.exists("/proc/stat"):
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-        return busy, mine, time.monotonic()
-
-    def start(self):
-        self.t0 = self._sample()
-
-    def stop(self) -> float:
-        (b0, m0, t0), (b1, m1, t1) = self.t0, self._sample()
-        load = max(0.0, (b1 - b0) - (m1 - m0)) / max(t1 - t0, 1e-9)
-        return load if self.comm is None else self.comm.bcast(load, root=0)
-
-
-def quiet_rounds(probe, repeats: int, run_round, max_factor: int = 4) -> dict:
-    """Run ``run_round()`` (-> {variant: seconds}) until ``repeats`` rounds were quiet
-    (at most max_factor*repeats rounds). -> {"median": {variant: median over the quiet
-    rounds, or over all if none was quiet}, "all": rounds, "loads", "quiet"}."""
-    rounds, loads = [], []
-    while (sum(ld < QUIET_CORES for ld in loads) < repeats
-           and len(rounds) < max_factor * repeats):
-        probe.start()
-        rounds.append(run_round())
-        loads.append(probe.stop())
-    quiet = [r for r, ld in zip(rounds, loads, strict=True) if ld < QUIET_CORES]
-    use = quiet or rounds
-    return {"median": {k: statistics.median(r[k] for r in use) for k in rounds[0]},
-            "all": rounds, "loads": loads, "quiet": len(quiet)}
 
 
 def once(fn) -> float:
