@@ -57,10 +57,17 @@ def alltoallv(group, send, send_counts, kind=None):
     row = int(np.prod(send.shape[1:], dtype=np.int64))       # items per row
     recv = xp.empty((int(rc.sum()),) + tuple(send.shape[1:]), dtype=send.dtype)  # [M, ...]
     s_items, r_items = sc * row, rc * row
-    sspec, _ = buf_spec(group, send, counts=(s_items, _displs(s_items)))
-    rspec, staged = buf_spec(group, recv, counts=(r_items, _displs(r_items)))
+    s_disp, r_disp = _displs(s_items), _displs(r_items)
+    # This rank's rows for itself are copied here, not through MPI: MPICH's self-message
+    # path is slow under MPIR_CVAR_ENABLE_HEAVY_YIELD=1 (8 MiB: 61 ms instead of 2.6 ms).
+    s_mpi, r_mpi = s_items.copy(), r_items.copy()
+    s_mpi[me] = r_mpi[me] = 0
+    sspec, _ = buf_spec(group, send, counts=(s_mpi, s_disp))
+    rspec, staged = buf_spec(group, recv, counts=(r_mpi, r_disp))
     group.comm.Alltoallv(sspec, rspec)
     recv_done(group, staged, recv)
+    own, so, ro = int(sc[me]), int(sc[:me].sum()), int(rc[:me].sum())
+    recv[ro:ro + own] = send[so:so + own]
     row_bytes = row * send.itemsize
     sent = (int(sc.sum()) - int(sc[me])) * row_bytes
     got = (int(rc.sum()) - int(rc[me])) * row_bytes

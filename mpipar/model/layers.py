@@ -106,27 +106,36 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-def causal_gqa_attention(xp, q, k, v):
+def causal_gqa_attention(xp, q, k, v, block: int = 128):
     """Attention of the last t positions of a sequence over all S cached positions.
 
     q [t, Hq, D]; k, v [S, Hkv, D] with Hq % Hkv == 0 -> [t, Hq, D]. Query i sits at
     position S - t + i and sees keys 0 .. S - t + i (causal).
+
+    Queries go in blocks of ``block``: a block scores only the keys up to its last
+    query, so a long prefill computes about half of the [t, S] square instead of all of
+    it, and masks only the block's own diagonal part. In place from the scores on: at
+    long prompts they are the biggest array of a layer.
     """
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     g = hq // hkv
     qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3)  # [Hkv, g, t, D]
-    kt = k.transpose(1, 2, 0)  # [Hkv, D, S]
-    scores = qg @ kt[:, None]  # [Hkv, g, t, S]
-    # In place from here: at long prompts the scores are the biggest array of a layer.
-    scores *= 1.0 / float(d) ** 0.5
-    if t > 1:
-        future = xp.arange(s)[None, :] > xp.arange(s - t, s)[:, None]  # [t, S]
-        xp.copyto(scores, -xp.inf, where=future)
-    scores -= xp.max(scores, axis=-1, keepdims=True)
-    xp.exp(scores, out=scores)
-    scores /= xp.sum(scores, axis=-1, keepdims=True)
-    out = scores @ v.transpose(1, 0, 2)[:, None]  # [Hkv, g, t, D]
+    kt = k.transpose(1, 2, 0)[:, None]  # [Hkv, 1, D, S]
+    vt = v.transpose(1, 0, 2)[:, None]  # [Hkv, 1, S, D]
+    out = xp.empty((hkv, g, t, d), dtype=q.dtype)  # [Hkv, g, t, D]
+    for i0 in range(0, t, block):
+        i1 = min(t, i0 + block)
+        end = s - t + i1  # keys 0 .. end-1 are visible to some query of the block
+        scores = qg[:, :, i0:i1] @ kt[..., :end]  # [Hkv, g, b, end]
+        scores *= 1.0 / float(d) ** 0.5
+        if i1 - i0 > 1:
+            future = xp.arange(end)[None, :] > xp.arange(s - t + i0, end)[:, None]  # [b, end]
+            xp.copyto(scores, -xp.inf, where=future)
+        scores -= xp.max(scores, axis=-1, keepdims=True)
+        xp.exp(scores, out=scores)
+        scores /= xp.sum(scores, axis=-1, keepdims=True)
+        out[:, :, i0:i1] = scores @ vt[:, :, :end]  # [Hkv, g, b, D]
     return out.transpose(2, 0, 1, 3).reshape(t, hq, d)
 
 
