@@ -120,3 +120,39 @@ def load_note(records) -> str:
 
 def ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
+
+
+def launch_worker(script: str, n: int, cfg: dict, timeout: float) -> dict:
+    """Run ``script --worker CFG`` as a job of n ranks; its JSON result, with
+    ``other_load_cores``: the cores that other processes kept busy meanwhile (machine
+    busy time minus our job's)."""
+    import json
+    import tempfile
+    import time
+
+    from .launch import run_mpi
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.json")
+        busy0, ours0, t0 = *cpu_seconds(), time.monotonic()
+        proc = run_mpi(n, [script, "--worker", json.dumps(cfg), "--worker-out", out],
+                       timeout=timeout)
+        busy1, ours1, t1 = *cpu_seconds(), time.monotonic()
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"{os.path.basename(script)} worker on {n} ranks, {cfg}, "
+                               f"failed (exit {proc.returncode}):\n"
+                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            res = json.load(f)
+        res["other_load_cores"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
+        return res
+
+
+def worker_main(worker, cfg_json: str, out_path: str) -> int:
+    """The ``--worker`` side of ``launch_worker``: run ``worker(cfg)`` on every rank and
+    write what it returns (rank 0's result; None elsewhere) to ``out_path``."""
+    import json
+    res = worker(json.loads(cfg_json))
+    if res is not None:
+        with open(out_path, "w") as f:
+            json.dump(res, f)
+    return 0

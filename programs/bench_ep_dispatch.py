@@ -33,11 +33,7 @@ interleaved (each call: median of ``--inner``; time = max over ranks). ep = 4 on
 cores is oversubscribed: its bytes and imbalance are exact, its times are marked and
 not a latency claim.
 
-Quiet rounds: this machine is shared, so each round is timed together with the load
-that other processes put on it (``LoadProbe``: /proc/stat busy time minus the CPU time
-of the job's own ranks). Medians are over rounds with less than 0.2 other cores busy;
-rounds go on until ``--repeats`` were quiet (at most 4x as many), and the output says
-how many were.
+Quiet rounds and machine facts: mpipar/benchkit.py.
 
 BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
 """
@@ -49,17 +45,17 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import mpipar  # noqa: F401  (one BLAS thread per rank, before numpy loads)
 from mpipar.benchkit import (  # noqa: E402
     LoadProbe,
-    cpu_seconds,
     ints,
+    launch_worker,
     load_note,
     machine,
     quiet_rounds,
+    worker_main,
 )
 
 HERE = os.path.abspath(__file__)
@@ -204,24 +200,7 @@ def worker(cfg: dict) -> dict | None:
 
 
 def launch(n: int, cfg: dict, timeout: float) -> dict:
-    """Run a worker job of n ranks; its result, with ``other_load_cores``: the cores
-    that other processes kept busy meanwhile (machine busy time minus our job's)."""
-    import time
-
-    from mpipar.launch import run_mpi
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "result.json")
-        busy0, ours0, t0 = *cpu_seconds(), time.monotonic()
-        proc = run_mpi(n, [HERE, "--worker", json.dumps(cfg), "--worker-out", out],
-                       timeout=timeout)
-        busy1, ours1, t1 = *cpu_seconds(), time.monotonic()
-        if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"worker ep={n} failed (exit {proc.returncode}):\n"
-                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        with open(out) as f:
-            res = json.load(f)
-        res["other_load_cores"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
-        return res
+    return launch_worker(HERE, n, cfg, timeout)
 
 
 def parse_args(argv):
@@ -268,11 +247,7 @@ def table(records) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
-        res = worker(json.loads(args.worker))
-        if res is not None:
-            with open(args.worker_out, "w") as f:
-                json.dump(res, f)
-        return 0
+        return worker_main(worker, args.worker, args.worker_out)
     cfg = {"tokens": args.tokens, "hidden": args.hidden, "experts": args.experts,
            "top_k": args.top_k, "zipf_s": args.zipf_s, "repeats": args.repeats,
            "patience": args.patience, "inner": args.inner,

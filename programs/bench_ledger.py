@@ -32,10 +32,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import mpipar  # noqa: F401  (one BLAS thread per rank, before numpy loads)
-from mpipar.benchkit import cpu_seconds  # noqa: E402
+from mpipar.benchkit import launch_worker, worker_main  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 SEED_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "ep_alltoall")
@@ -150,24 +149,7 @@ def worker(cfg: dict) -> dict | None:
 
 
 def launch(n: int, cfg: dict, timeout: float) -> dict:
-    """Run a worker job of n ranks; its result, with ``other_load_cores``: the cores
-    that other processes kept busy meanwhile (machine busy time minus our job's)."""
-    import time
-
-    from mpipar.launch import run_mpi
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "result.json")
-        busy0, ours0, t0 = *cpu_seconds(), time.monotonic()
-        proc = run_mpi(n, [HERE, "--worker", json.dumps(cfg), "--worker-out", out],
-                       timeout=timeout)
-        busy1, ours1, t1 = *cpu_seconds(), time.monotonic()
-        if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"worker {cfg['layout']} failed (exit {proc.returncode}):\n"
-                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        with open(out) as f:
-            res = json.load(f)
-        res["other_load_cores"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
-        return res
+    return launch_worker(HERE, n, cfg, timeout)
 
 
 def rows_of(res) -> list[dict]:
@@ -235,11 +217,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
-        res = worker(json.loads(args.worker))
-        if res is not None:
-            with open(args.worker_out, "w") as f:
-                json.dump(res, f)
-        return 0
+        return worker_main(worker, args.worker, args.worker_out)
     results, kinds = [], set()
     for lay in args.layout:
         n = lay["tp"] * lay["pp"] * lay["dp"]
