@@ -27,7 +27,7 @@ coordinate that varies inside it, so group rank == that coordinate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class LayoutError(ValueError):
@@ -130,7 +130,6 @@ class Comms:
     stage: object  # all tp*dp ranks of this pipeline stage
     ledger: object
     xp: object
-    extra: dict = field(default_factory=dict)
 
 
 def make_comms(layout: Layout, comm=None, ledger=None, xp=None, transport=None) -> Comms:

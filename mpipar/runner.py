@@ -90,8 +90,9 @@ def parse_args(argv):
     return args
 
 
-def parse_prompts(args, source, vocab):
-    prompts = []
+def parse_prompts(args, vocab):
+    """-> (prompts, tokenizer or None): token-id lists from --prompt-ids and --prompt."""
+    prompts, tok = [], None
     for text in args.prompt_ids:
         try:
             ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -110,7 +111,7 @@ def parse_prompts(args, source, vocab):
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
             raise UsageError(f"prompt {i}: token ids {bad[:5]} outside the vocab [0, {vocab})")
-    return prompts
+    return prompts, tok
 
 
 def run(argv, world=None) -> int:
@@ -138,7 +139,7 @@ def run(argv, world=None) -> int:
         source = open_model(args.model, args.preset, args.seed)
         config = source.config
         check_layout(config, layout)
-        prompts = parse_prompts(args, source, config.vocab_size)
+        prompts, tokenizer = parse_prompts(args, config.vocab_size)
         from .backend import select_device
         device = select_device(args.device)
     except (UsageError, LayoutError, ConfigError, CheckpointError, ValueError, OSError) as e:
@@ -202,11 +203,9 @@ def run(argv, world=None) -> int:
             verdict = compare(gen, ref)
         record = run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts)
         print_report(record, gen, per_rank, quiet=args.quiet)
-        if args.prompt:  # text prompts: show the continuation as text too
-            from .model.tokenizer import load_tokenizer
-            tok = load_tokenizer(args.model)
+        if tokenizer is not None:  # text prompts: show the continuation as text too
             for i, row in enumerate(gen.tokens):
-                print(f"text[{i}]: {tok.decode(row)!r}")
+                print(f"text[{i}]: {tokenizer.decode(row)!r}")
         write_outputs(args, gen, record)
         status = 1 if verdict.startswith("fail") else 0
     return int(world.bcast(status, root=0))

@@ -36,8 +36,11 @@ def chunk_prompts(prompts, chunks: int):
     (per sequence) of token ids; a piece may be empty when a prompt is short."""
     out = []
     for c in range(chunks):
-        out.append([list(p[split(len(p), chunks, c).start:split(len(p), chunks, c).stop])
-                    for p in prompts])
+        pieces = []
+        for p in prompts:
+            part = split(len(p), chunks, c)
+            pieces.append(list(p[part.start:part.stop]))
+        out.append(pieces)
     return out
 
 
