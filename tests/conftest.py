@@ -63,10 +63,21 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.failed:
         item._mpipar_failed = True
+        item._mpipar_report = rep
 
 
-def _abort(nodeid):
-    sys.stderr.write(f"[rank {WORLD.Get_rank()}] other ranks did not finish {nodeid}; "
+def _abort(request):
+    # The abort ends pytest before its summary: print this rank's failure first, past
+    # pytest's output capture (which would otherwise swallow it).
+    node = request.node
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=False)
+    rep = getattr(node, "_mpipar_report", None)
+    if rep is not None:
+        sys.stderr.write(f"[rank {WORLD.Get_rank()}] FAILED {node.nodeid}\n"
+                         f"{rep.longreprtext}\n")
+    sys.stderr.write(f"[rank {WORLD.Get_rank()}] other ranks did not finish {node.nodeid}; "
                      "aborting the job\n")
     sys.stderr.flush()
     WORLD.Abort(1)
@@ -82,14 +93,14 @@ def _ranks_agree(request):
     if rank0_only and WORLD.Get_rank() != 0:
         # Wait (sleeping) for rank 0 to run it, join its agreement, then skip here.
         if sleepy_allreduce_max(0, 3600.0) is None:
-            _abort(request.node.nodeid)
+            _abort(request)
         pytest.skip("runs on world rank 0 only")
     yield
     me_failed = getattr(request.node, "_mpipar_failed", False)
     wait = RANK_WAIT_S if me_failed else (3600.0 if rank0_only else 600.0)
     worst = sleepy_allreduce_max(int(me_failed), wait)
     if worst is None:
-        _abort(request.node.nodeid)
+        _abort(request)
     if worst and not me_failed:
         pytest.fail("failed on another rank", pytrace=False)
 

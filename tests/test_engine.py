@@ -46,11 +46,21 @@ def load_refs(folder):
     }
 
 
-def check_ledger(model, layout, config):
-    """On rank 0: measured bytes == predicted bytes for every predicted kind, every rank."""
-    per_rank = model.report()
-    if per_rank is None:
-        return
+def on_rank0(world, check, *args):
+    """Run ``check`` on rank 0 and fail on every rank if it fails, so that the ranks stop
+    together instead of the others going on into the next layout's collectives."""
+    error = None
+    if world.Get_rank() == 0:
+        try:
+            check(*args)
+        except AssertionError as e:
+            error = repr(e)
+    error = world.bcast(error, root=0)
+    assert error is None, error
+
+
+def check_ledger(per_rank, layout, config):
+    """Measured bytes == predicted bytes for every predicted kind, every rank."""
     for r in per_rank:
         for kind, want in predict_rank(config, layout, r).items():
             got = r["ledger"].get(kind, {}).get("sent_bytes", 0)
@@ -69,17 +79,19 @@ def test_every_layout_matches_transformers(world, fixtures_dir, name):
             model = ParallelModel(comms, source)
             gen = model.generate(refs["prompts"], 8, prefill_chunks=chunks, keep_logits=True,
                                  decode_microbatches=chunks - 1)  # 1 chunk: none; 3: two
-            check_ledger(model, layout, config)
-            if world.Get_rank() != 0:
-                continue
-            where = f"{name} {layout} chunks={chunks}"
-            assert np.array_equal(gen.tokens, refs["tokens"]), where
-            pl = gen.prompt_logits
-            assert pl.shape == (2, 12, config.vocab_size), where
-            assert np.abs(pl[0] - refs["logits_a"]).max() < TOL, where
-            assert np.abs(pl[1, :7] - refs["logits_b"]).max() < TOL, where
-            assert np.isnan(pl[1, 7:]).all(), where
-            assert np.abs(gen.decode_logits[0] - refs["decode_a"]).max() < TOL, where
+            on_rank0(world, check_ledger, model.report(), layout, config)
+            on_rank0(world, check_generation, gen, refs, config,
+                     f"{name} {layout} chunks={chunks}")
+
+
+def check_generation(gen, refs, config, where):
+    assert np.array_equal(gen.tokens, refs["tokens"]), where
+    pl = gen.prompt_logits
+    assert pl.shape == (2, 12, config.vocab_size), where
+    assert np.abs(pl[0] - refs["logits_a"]).max() < TOL, where
+    assert np.abs(pl[1, :7] - refs["logits_b"]).max() < TOL, where
+    assert np.isnan(pl[1, 7:]).all(), where
+    assert np.abs(gen.decode_logits[0] - refs["decode_a"]).max() < TOL, where
 
 
 def test_random_model_matches_reference_with_sampling(world):
