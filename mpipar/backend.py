@@ -8,7 +8,7 @@
 - ``cuda_aware()``: whether MPI can read GPU memory: ``MPIPAR_CUDA_AWARE=0|1`` if set,
   else ``MPIX_Query_cuda_support()`` from libmpi through ctypes (MPICH and Open MPI
   export it), else False.
-- ``Transport``: how a device array reaches MPI (the protocol of ``comm/dtypes.py``).
+- ``Transport``: how a device array reaches MPI (the protocol of ``comm/wire.py``).
   CUDA-aware: the device array itself, once the stream that wrote it is synchronised.
   Otherwise: staged through pinned host buffers. They come from CuPy's pinned memory
   pool, so a buffer freed after a message is reused by the next one of its size rather

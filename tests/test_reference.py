@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from mpipar.model import CheckpointReader, expected_shapes, open_model, save_checkpoint
-from mpipar.model.reference import ReferenceModel, generate, pack
+from mpipar.model.layers import pack
+from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
 
 FIXTURES = ["qwen3-tiny", "qwen3-moe-tiny"]

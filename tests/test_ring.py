@@ -14,9 +14,9 @@ import pytest
 from mpi4py import MPI
 
 from mpipar.comm import ring
-from mpipar.comm.dtypes import mpi_type
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
+from mpipar.comm.wire import mpi_type
 
 WORLD = MPI.COMM_WORLD
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -12,7 +12,7 @@ cross the wire. The ledger records exactly that under ``kind`` (default
 ``group.kind("alltoall")``; self-to-self rows excluded), and the count exchange,
 8 (n-1) bytes each way, under ``kind + "_counts"``.
 
-bfloat16/float16 rows move as their 16 bits (see ``dtypes``).
+bfloat16/float16 rows move as their 16 bits (see ``wire``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .dtypes import buf_spec, recv_done
+from .wire import buf_spec, recv_done
 
 
 def _displs(counts) -> np.ndarray:

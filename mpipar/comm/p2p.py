@@ -24,7 +24,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .dtypes import BFLOAT16, buf_spec, recv_done
+from .wire import BFLOAT16, buf_spec, recv_done
 
 MAX_NDIM = 8
 HEADER_LEN = 2 + MAX_NDIM

@@ -58,7 +58,7 @@ from __future__ import annotations
 import time
 
 from .chunks import chunk_bounds  # noqa: F401  (part of this module's API)
-from .dtypes import buf_spec, recv_done
+from .wire import buf_spec, recv_done
 
 SMALL_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this many bytes
 SEGMENT_BYTES = 8 << 20        # ring pipeline piece (longer chunks go in pieces)

@@ -20,6 +20,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def pack(token_lists, seq_ids=None):
+    """[[ids of seq 0], [ids of seq 1], ...] -> ids [N], segments [(seq, start, rows)].
+
+    ``seq_ids`` names the sequences of the lists (default 0, 1, ...): a segment's seq
+    indexes the caches."""
+    ids, segments, start = [], [], 0
+    for seq, toks in zip(seq_ids or range(len(token_lists)), token_lists, strict=True):
+        if len(toks):
+            segments.append((seq, start, len(toks)))
+            ids.extend(int(t) for t in toks)
+            start += len(toks)
+    return np.asarray(ids, dtype=np.int64), segments
+
 
 def linear_weight(xp, w):
     """A [out, in] weight kept column-major: ``x @ w.T`` is then a plain row-major GEMM

@@ -18,11 +18,8 @@ import numpy as np
 
 from ..backend import to_host
 from . import layers as L
+from .layers import layer_prefix, pack
 from .sampling import Generation, Sampler, pad_prompt_logits
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
 
 
 class ReferenceModel:
@@ -88,20 +85,6 @@ class ReferenceModel:
 
     def logits(self, hidden):
         return hidden @ self.lm_head.T  # [N, V]
-
-
-def pack(token_lists, seq_ids=None):
-    """[[ids of seq 0], [ids of seq 1], ...] -> ids [N], segments [(seq, start, rows)].
-
-    ``seq_ids`` names the sequences of the lists (default 0, 1, ...): a segment's seq
-    indexes the caches."""
-    ids, segments, start = [], [], 0
-    for seq, toks in zip(seq_ids or range(len(token_lists)), token_lists, strict=True):
-        if len(toks):
-            segments.append((seq, start, len(toks)))
-            ids.extend(int(t) for t in toks)
-            start += len(toks)
-    return np.asarray(ids, dtype=np.int64), segments
 
 
 def generate(model: ReferenceModel, prompts, max_new_tokens: int,

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..comm.control import barrier, gather_object
 from ..comm.p2p import recv_array, send_array
-from ..model.reference import pack
+from ..model.layers import pack
 from ..model.sampling import Generation, Sampler, pad_prompt_logits
 from .ep import RoutingStats
 from .pp import Pipeline, chunk_prompts

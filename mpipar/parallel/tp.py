@@ -28,7 +28,7 @@ import numpy as np
 from ..backend import to_host
 from ..comm.ring import ring_allgather, ring_allreduce
 from ..model import layers as L
-from ..model.reference import layer_prefix
+from ..model.layers import layer_prefix
 from . import ep as ep_mod
 from .shard import split
 

@@ -1,4 +1,4 @@
-"""Array dtypes on the wire: numpy dtype -> MPI datatype, 16-bit floats, buffer specs.
+"""The wire protocol: numpy dtype -> MPI datatype, 16-bit floats as their bits, buffer specs.
 
 What moves:
   * float32/64, float16, int8..int64, uint8..uint64, bool move as their own MPI type.
