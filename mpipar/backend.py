@@ -14,6 +14,19 @@
   pool, so a buffer freed after a message is reused by the next one of its size rather
   than allocated again; each copy is counted in the ledger (``staging_d2h`` /
   ``staging_h2d``, bytes copied).
+- ``compute_dtype(flag, xp, checkpoint_dtype)``: ``--dtype auto|float32|bfloat16|float16``
+  -> the dtype of weights, activations and KV cache. auto: float32 on the CPU (NumPy
+  has no fast 16-bit GEMM), the checkpoint's declared dtype on a GPU.
+- ``native_16bit_matmul(xp, dtype, ndim)``: whether ``a @ b`` of 16-bit floats is a
+  16-bit GEMM with float32 accumulation here (else ``layers.matmul`` widens the
+  operands of that product to float32 and rounds the result back):
+    NumPy: never. float16 and ml_dtypes' bfloat16 matmul are unblocked element loops
+      (orders of magnitude slower than float32 BLAS), so the CPU path is float32 GEMM
+      on the 16-bit values: exact products, float32 sums, one rounding at the end.
+    CuPy, 2-D: yes, float16 and bfloat16 (``cupy.dot`` -> cublasGemmEx, compute 32F).
+    CuPy, batched (attention's [heads, q, D] @ [heads, D, S]): no. CuPy 14 widens a
+      batched float16 product to float32 itself, and a batched bfloat16 one is not
+      supported (cupy/cupy#10317, open); attention is a small part of a decode step.
 """
 
 from __future__ import annotations
@@ -54,6 +67,34 @@ def select_device(flag: str | None = None) -> str:
         raise DeviceError("--device gpu: CuPy with a visible GPU is needed "
                           "(pip install 'mpipar[gpu]')")
     return choice
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _is_16bit_float(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype == np.float16 or dtype.name == "bfloat16"
+
+
+def native_16bit_matmul(xp, dtype, ndim: int) -> bool:
+    """See the module docstring; True for every dtype that is not a 16-bit float."""
+    if not _is_16bit_float(dtype):
+        return True
+    return xp is not np and ndim <= 2
+
+
+def compute_dtype(flag, xp, checkpoint_dtype="float32") -> np.dtype:
+    """``flag`` (a COMPUTE_DTYPES name or a numpy dtype) -> numpy dtype; ``xp`` numpy
+    means the CPU."""
+    import ml_dtypes
+    if not isinstance(flag, str):
+        return np.dtype(flag)
+    name = checkpoint_dtype if flag == "auto" and xp is not np else flag
+    name = "float32" if name == "auto" else name
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {name!r}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def local_rank(world_comm) -> tuple[int, int]:

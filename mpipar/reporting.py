@@ -40,6 +40,7 @@ def run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts) -> d
         "load_s": load_s,
         "check": verdict,
         "prefill_chunks": args.prefill_chunks,
+        "dtype": per_rank[0].get("dtype", "float32"),
         "ledger": ledger,
         "ranks": [{"rank": r["rank"], "host": hosts[r["rank"]], **r["coords"],
                    "layers": r["layers"], "experts": r["experts"], "kv_heads": r["kv_heads"],
@@ -81,7 +82,7 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
     print(f"time to first token {rec['ttft_s'] * 1e3:.2f} ms, time per output token "
           f"{rec['tpot_s'] * 1e3:.2f} ms, {rec['tokens_per_s']:.1f} tokens/s "
           f"(tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} ep={lay['ep']}, "
-          f"prefill chunks {rec['prefill_chunks']})")
+          f"prefill chunks {rec['prefill_chunks']}, {rec['dtype']})")
     if not quiet:
         print("bytes sent per rank, measured / predicted by the cost model "
               "(- : not in the seed's model; headers and counts in --json):")

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from .backend import COMPUTE_DTYPES
+
 DEFAULT_PROMPT_LEN = 16
 CHECK_PARAMS_MAX = 50_000_000  # --check defaults on below this many parameters
 
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "stages busy (default 1: pays off only when decode is compute-bound)")
     par.add_argument("--device", choices=("cpu", "gpu", "auto"), default=None,
                      help="array device (default: $MPIPAR_DEVICE or auto)")
+    par.add_argument("--dtype", choices=COMPUTE_DTYPES, default="auto",
+                     help="weights, activations and KV cache (auto: float32 on CPU, the "
+                          "checkpoint's dtype on GPU); norms, softmax, router and RoPE "
+                          "run in float32")
     o = p.add_argument_group("output")
     chk = o.add_mutually_exclusive_group()
     chk.add_argument("--check", dest="check", action="store_true", default=None,
@@ -166,11 +172,14 @@ def run(argv, world=None) -> int:
         for r, h in enumerate(hosts):
             print(f"rank {r} host {h}")
 
+    from .backend import compute_dtype
     from .parallel.engine import ParallelModel
+    dtype = compute_dtype(args.dtype, xp, config.dtype)
+    say(f"dtype {dtype.name} (weights, activations, KV cache; --dtype {args.dtype})")
     error = None
     try:
         t = time.perf_counter()
-        model = ParallelModel(comms, source, xp)
+        model = ParallelModel(comms, source, xp, dtype)
         load_s = time.perf_counter() - t
     except (CheckpointError, ValueError, OSError, MemoryError) as e:
         error = e
@@ -199,8 +208,10 @@ def run(argv, world=None) -> int:
         verdict = "skipped"
         if check:
             from .model.reference import ReferenceModel, generate
+            # the oracle runs in float32 on the CPU; a 16-bit run is held to its tolerance
             ref = generate(ReferenceModel(source), prompts, args.max_new_tokens, sampler)
-            verdict = compare(gen, ref)
+            scale = float(np.nanmax(np.abs(ref.prompt_logits)))
+            verdict = compare(gen, ref, logit_tolerance(dtype, config.num_layers, scale))
         record = run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts)
         print_report(record, gen, per_rank, quiet=args.quiet)
         if tokenizer is not None:  # text prompts: show the continuation as text too
@@ -211,14 +222,43 @@ def run(argv, world=None) -> int:
     return int(world.bcast(status, root=0))
 
 
+def logit_tolerance(dtype, num_layers: int, logit_scale: float,
+                    per_layer_error: float | None = None) -> float:
+    """Max |logit - float32 logit| allowed for a run in ``dtype``.
+
+    float32: 1e-4 (summation order only). 16-bit: each of the L layers and the head
+    rounds its output with a relative error ``per_layer_error`` (default 2u, u the unit
+    roundoff: 2^-8 bfloat16, 2^-11 float16; tests/test_dtype.py measures 1.7-1.9u on the
+    fixtures), and through the pre-norm residual stream those errors add at most
+    linearly: (L + 1) * per_layer_error * max|logit|. Measured on the fixtures the
+    error is about half of that."""
+    unit = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[np.dtype(dtype).name]
+    if unit == 0.0:
+        return 1e-4
+    eps = 2 * unit if per_layer_error is None else per_layer_error
+    return (num_layers + 1) * eps * logit_scale
+
+
 def compare(gen, ref, tol=1e-4) -> str:
-    """'pass' or 'fail: ...' (tokens exact, logits within tol)."""
-    if not np.array_equal(gen.tokens, ref.tokens):
-        return f"fail: tokens differ {gen.tokens.tolist()} vs {ref.tokens.tolist()}"
-    worst = max(float(np.nanmax(np.abs(gen.prompt_logits - ref.prompt_logits))),
-                float(np.max(np.abs(gen.decode_logits - ref.decode_logits))))
+    """'pass' or 'fail: ...': logits within ``tol`` of the reference; tokens equal, except
+    that a sequence may pick another token where the reference itself is a tie within
+    the tolerance (its logit is within 2*tol of the reference's pick, all the error
+    the tolerance allows); the sequence's later steps have another context and are not
+    compared."""
+    worst = float(np.nanmax(np.abs(gen.prompt_logits - ref.prompt_logits)))
+    for i in range(ref.tokens.shape[0]):
+        for step, (mine, want) in enumerate(zip(gen.tokens[i], ref.tokens[i], strict=True)):
+            row = ref.decode_logits[i, step]
+            worst = max(worst, float(np.max(np.abs(gen.decode_logits[i, step] - row))))
+            if mine == want:
+                continue
+            if not row[want] - row[mine] <= 2 * tol:
+                return (f"fail: tokens differ {gen.tokens.tolist()} vs {ref.tokens.tolist()} "
+                        f"(sequence {i}, step {step}: reference margin "
+                        f"{row[want] - row[mine]:.3g} > 2*tol)")
+            break
     if not worst <= tol:
-        return f"fail: max |logit diff| {worst:.3g} > {tol}"
+        return f"fail: max |logit diff| {worst:.3g} > {tol:.3g}"
     return "pass"
 
 

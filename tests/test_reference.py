@@ -156,8 +156,9 @@ class DictSource:
     def __init__(self, config, tensors):
         self.config, self.tensors = config, tensors
 
-    def read(self, name):
-        return np.array(self.tensors[name], dtype=np.float32)
+    def read(self, name, index=None, dtype="float32"):
+        from mpipar.model.checkpoint import as_dtype
+        return np.array(self.tensors[name], dtype=as_dtype(dtype))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -14,6 +14,14 @@ Conventions (Qwen3, as transformers computes it):
 
 Tokens of several sequences are packed: activations are [N, hidden] for N tokens of
 all sequences together; attention walks the sequences one by one through their caches.
+
+Compute dtype (float32, bfloat16 or float16): weights, activations, the residual stream
+and the KV cache are all in the model's dtype; these islands are computed in float32
+and cast back, as transformers does: RMSNorm (the mean of squares), RoPE, the attention
+softmax, the router's softmax and top-k weights, silu(gate)*up, and the weighted sum of
+a token's experts. For float32 the casts are no-ops and the numbers are unchanged.
+Matrix products go through ``matmul``: 16-bit inputs, float32 accumulation, the output
+rounded to the compute dtype (see there for the NumPy and CuPy paths).
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..backend import native_16bit_matmul, to_host
+
+FLOAT32 = np.dtype(np.float32)
 
 
 def layer_prefix(i: int) -> str:
@@ -48,10 +60,26 @@ def linear_weight(xp, w):
     return xp.ascontiguousarray(w.T).T if w.ndim == 2 else w
 
 
+def matmul(xp, a, b):
+    """a @ b in the compute dtype: 16-bit operands, float32 accumulation, output rounded
+    to the operands' dtype once (what cuBLAS does for a bf16/fp16 GEMM).
+
+    Where the array module has no such GEMM (``backend.native_16bit_matmul``: NumPy never,
+    its 16-bit matmul is an unblocked element loop; CuPy for batched products) the
+    operands are widened to float32 for this product only, multiplied by the float32
+    GEMM and the result rounded back: the same numbers up to summation order, the
+    weights stay 16-bit in memory, the temporaries cost time and memory traffic."""
+    if a.dtype != FLOAT32 and not native_16bit_matmul(xp, a.dtype, max(a.ndim, b.ndim)):
+        return (a.astype(FLOAT32) @ b.astype(FLOAT32)).astype(a.dtype)
+    return a @ b
+
+
 def rms_norm(xp, x, w, eps):
-    """x [..., d], w [d] -> [..., d]."""
-    var = xp.mean(x * x, axis=-1, keepdims=True)
-    return (x / xp.sqrt(var + eps)) * w
+    """x [..., d], w [d] -> [..., d]: normalised in float32, cast back, times w (in x's
+    dtype, as transformers' Qwen3RMSNorm)."""
+    xf = x.astype(FLOAT32, copy=False)
+    var = xp.mean(xf * xf, axis=-1, keepdims=True)
+    return (xf / xp.sqrt(var + eps)).astype(x.dtype, copy=False) * w
 
 
 def silu(xp, x):
@@ -74,18 +102,20 @@ def rope_cos_sin(xp, positions, head_dim, theta):
 
 
 def apply_rope(xp, x, cos, sin):
-    """x [T, H, D]; cos, sin [T, D] -> [T, H, D]."""
+    """x [T, H, D]; cos, sin [T, D] float32 -> [T, H, D] in x's dtype (rotated in float32)."""
     half = x.shape[-1] // 2
-    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    xf = x.astype(FLOAT32, copy=False)
+    rotated = xp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype, copy=False)
 
 
 def swiglu(xp, x, w_gate, w_up, w_down):
-    """x [N, h]; w_gate, w_up [I, h]; w_down [h, I] -> [N, h] (partial sum if I is a slice)."""
-    gate = x @ w_gate.T  # [N, I]
+    """x [N, h]; w_gate, w_up [I, h]; w_down [h, I] -> [N, h] (partial sum if I is a slice).
+    silu(gate) * up in float32, rounded once to x's dtype."""
+    gate = matmul(xp, x, w_gate.T).astype(FLOAT32, copy=False)  # [N, I]
     act = silu(xp, gate)
-    act *= x @ w_up.T
-    return act @ w_down.T
+    act *= matmul(xp, x, w_up.T)
+    return matmul(xp, act.astype(x.dtype, copy=False), w_down.T)
 
 
 def router_topk(xp, x, w_router, top_k, norm_topk_prob):
@@ -94,7 +124,7 @@ def router_topk(xp, x, w_router, top_k, norm_topk_prob):
     Softmax over all experts, then the k largest (ties: lower expert id first, as a
     stable sort of -p gives), renormalised when norm_topk_prob.
     """
-    probs = softmax(xp, (x @ w_router.T).astype(xp.float32))  # [N, E]
+    probs = softmax(xp, matmul(xp, x, w_router.T).astype(FLOAT32))  # [N, E] float32
     experts = xp.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
     weights = xp.take_along_axis(probs, experts, axis=-1)
     if norm_topk_prob:
@@ -105,7 +135,7 @@ def router_topk(xp, x, w_router, top_k, norm_topk_prob):
 class KVCache:
     """Keys and values of one sequence for one layer: [capacity, n_kv_heads, head_dim]."""
 
-    def __init__(self, xp, capacity, n_kv_heads, head_dim, dtype="float32"):
+    def __init__(self, xp, capacity, n_kv_heads, head_dim, dtype=FLOAT32):
         self.k = xp.zeros((capacity, n_kv_heads, head_dim), dtype=dtype)
         self.v = xp.zeros((capacity, n_kv_heads, head_dim), dtype=dtype)
         self.length = 0
@@ -136,6 +166,9 @@ def causal_gqa_attention(xp, q, k, v, block: int = 128):
     query, so a long prefill computes about half of the [t, S] square instead of all of
     it, and masks only the block's own diagonal part. In place from the scores on: at
     long prompts they are the biggest array of a layer.
+
+    Scores come out of ``matmul`` in the compute dtype (as in transformers); the scaling,
+    mask and softmax run in float32 and the probabilities are rounded back for P @ V.
     """
     t, hq, d = q.shape
     s, hkv, _ = k.shape
@@ -147,15 +180,16 @@ def causal_gqa_attention(xp, q, k, v, block: int = 128):
     for i0 in range(0, t, block):
         i1 = min(t, i0 + block)
         end = s - t + i1  # keys 0 .. end-1 are visible to some query of the block
-        scores = qg[:, :, i0:i1] @ kt[..., :end]  # [Hkv, g, b, end]
-        scores *= 1.0 / float(d) ** 0.5
+        scores = matmul(xp, qg[:, :, i0:i1], kt[..., :end]).astype(FLOAT32, copy=False)
+        scores *= 1.0 / float(d) ** 0.5  # [Hkv, g, b, end] float32
         if i1 - i0 > 1:
             future = xp.arange(end)[None, :] > xp.arange(s - t + i0, end)[:, None]  # [b, end]
             xp.copyto(scores, -xp.inf, where=future)
         scores -= xp.max(scores, axis=-1, keepdims=True)
         xp.exp(scores, out=scores)
         scores /= xp.sum(scores, axis=-1, keepdims=True)
-        out[:, :, i0:i1] = scores @ vt[:, :, :end]  # [Hkv, g, b, D]
+        out[:, :, i0:i1] = matmul(xp, scores.astype(q.dtype, copy=False),
+                                  vt[:, :, :end])  # [Hkv, g, b, D]
     return out.transpose(2, 0, 1, 3).reshape(t, hq, d)
 
 
@@ -180,9 +214,9 @@ def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta
     n = x.shape[0]
     d = head_dim
     hq, hkv = w.q.shape[0] // d, w.k.shape[0] // d
-    q = (x @ w.q.T).reshape(n, hq, d)
-    k = (x @ w.k.T).reshape(n, hkv, d)
-    v = (x @ w.v.T).reshape(n, hkv, d)
+    q = matmul(xp, x, w.q.T).reshape(n, hq, d)
+    k = matmul(xp, x, w.k.T).reshape(n, hkv, d)
+    v = matmul(xp, x, w.v.T).reshape(n, hkv, d)
     q = rms_norm(xp, q, w.q_norm, eps)
     k = rms_norm(xp, k, w.k_norm, eps)
     out = xp.empty_like(q)
@@ -193,7 +227,21 @@ def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta
         sl = slice(start, start + rows)
         kk, vv = cache.append(apply_rope(xp, k[sl], cos, sin), v[sl])
         out[sl] = causal_gqa_attention(xp, apply_rope(xp, q[sl], cos, sin), kk, vv)
-    return out.reshape(n, hq * d) @ w.o.T
+    return matmul(xp, out.reshape(n, hq * d), w.o.T)
+
+
+def grouped_experts(xp, rows, counts, expert_weights):
+    """rows [R, h] sorted by expert, counts[e] (host ints) rows of held expert e -> [R, h].
+
+    Only experts that received rows run; the slices come from the host counts, so the
+    loop makes no device->host round-trip of its own."""
+    out = xp.empty_like(rows)
+    start = 0
+    for n_rows, (wg, wu, wd) in zip(counts, expert_weights, strict=True):
+        if n_rows:
+            out[start:start + n_rows] = swiglu(xp, rows[start:start + n_rows], wg, wu, wd)
+        start += int(n_rows)
+    return out
 
 
 def experts_forward(xp, x, experts, weights, expert_weights, first_expert=0):
@@ -201,12 +249,19 @@ def experts_forward(xp, x, experts, weights, expert_weights, first_expert=0):
 
     x [N, h]; experts, weights [N, k]; expert_weights: list of (gate, up, down) for experts
     first_expert .. first_expert+len-1 (whole or intermediate-sliced) -> [N, h].
+
+    The N*k (token, expert) pairs are sorted by expert once; one bincount crosses to the
+    host (the layer's only sync), and each expert that got pairs runs on its rows. The
+    k rows of a token are summed with the router weights in float32, rounded once.
     """
-    out = xp.zeros_like(x)
-    for local, (wg, wu, wd) in enumerate(expert_weights):
-        rows, slot = xp.nonzero(experts == first_expert + local)
-        if rows.shape[0] == 0:
-            continue
-        y = swiglu(xp, x[rows], wg, wu, wd) * weights[rows, slot][:, None]
-        out[rows] += y  # a token picks an expert at most once: rows are unique
-    return out
+    n, k = experts.shape
+    held = range(first_expert, first_expert + len(expert_weights))
+    flat = experts.ravel()  # pair p = token p // k, slot p % k
+    order = xp.argsort(flat, kind="stable")  # pairs sorted by expert, then token
+    counts = to_host(xp.bincount(flat, minlength=held.stop))  # [>= held.stop]
+    first = int(counts[:held.start].sum())
+    mine = order[first:first + int(counts[held.start:held.stop].sum())]
+    y = grouped_experts(xp, x[mine // k], counts[held.start:held.stop], expert_weights)
+    pair_out = xp.zeros((n * k, x.shape[1]), dtype=FLOAT32)  # [N*k, h]; other ranks' 0
+    pair_out[mine] = y.astype(FLOAT32, copy=False) * weights.ravel()[mine][:, None]
+    return pair_out.reshape(n, k, -1).sum(axis=1).astype(x.dtype, copy=False)

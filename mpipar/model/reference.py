@@ -8,6 +8,9 @@ against it, and it is itself checked against the transformers-made fixtures.
     for each layer:  x += o_proj(attn(norm1(x)))
                      x += mlp(norm2(x))          (SwiGLU, or MoE: router top-k experts)
     logits = lm_head(norm(x))
+
+``dtype`` (float32, bfloat16, float16, or "auto": see ``backend.compute_dtype``) is the
+dtype of the weights, activations and KV cache; the logits leave as float32.
 """
 
 from __future__ import annotations
@@ -16,21 +19,22 @@ import time
 
 import numpy as np
 
-from ..backend import to_host
+from ..backend import compute_dtype, to_host
 from . import layers as L
 from .layers import layer_prefix, pack
 from .sampling import Generation, Sampler, pad_prompt_logits
 
 
 class ReferenceModel:
-    def __init__(self, source, xp=np):
+    def __init__(self, source, xp=np, dtype="float32"):
         self.config = cfg = source.config
         self.xp = xp
+        self.dtype = dt = compute_dtype(dtype, xp, cfg.dtype)
 
         def read(name):
-            return L.linear_weight(xp, source.read(name))
+            return L.linear_weight(xp, source.read(name, dtype=dt))
 
-        self.embed = xp.asarray(source.read("model.embed_tokens.weight"))  # [V, h], row lookups
+        self.embed = xp.asarray(source.read("model.embed_tokens.weight", dtype=dt))  # [V, h]
         self.final_norm = read("model.norm.weight")
         self.lm_head = read("lm_head.weight")  # [V, h] (embed when tied)
         self.layers = []
@@ -59,7 +63,7 @@ class ReferenceModel:
     def new_caches(self, n_seqs: int, capacity: int):
         """caches[layer][seq]."""
         c = self.config
-        return [[L.KVCache(self.xp, capacity, c.num_kv_heads, c.head_dim)
+        return [[L.KVCache(self.xp, capacity, c.num_kv_heads, c.head_dim, self.dtype)
                  for _ in range(n_seqs)] for _ in range(c.num_layers)]
 
     def mlp(self, i, x):
@@ -74,17 +78,23 @@ class ReferenceModel:
         """ids [N] -> final-normed hidden [N, h]; appends to the caches."""
         c, xp = self.config, self.xp
         x = self.embed[xp.asarray(ids)]
-        for i, layer in enumerate(self.layers):
-            h = L.rms_norm(xp, x, layer["norm1"], c.rms_norm_eps)
-            x = x + L.attention(xp, h, layer["attn"], caches[i], segments, c.head_dim,
-                                c.rms_norm_eps, c.rope_theta)
-            x = x + self.mlp(i, L.rms_norm(xp, x, layer["norm2"], c.rms_norm_eps))
+        for i in range(len(self.layers)):
+            x = self.block(i, x, caches[i], segments)
             if layer_outputs is not None:
                 layer_outputs.append(x)
         return L.rms_norm(xp, x, self.final_norm, c.rms_norm_eps)
 
+    def block(self, i, x, caches, segments):
+        """Decoder layer i: x [N, h] -> [N, h]; caches: layer i's, one per sequence."""
+        layer, c, xp = self.layers[i], self.config, self.xp
+        h = L.rms_norm(xp, x, layer["norm1"], c.rms_norm_eps)
+        x = x + L.attention(xp, h, layer["attn"], caches, segments, c.head_dim,
+                            c.rms_norm_eps, c.rope_theta)
+        return x + self.mlp(i, L.rms_norm(xp, x, layer["norm2"], c.rms_norm_eps))
+
     def logits(self, hidden):
-        return hidden @ self.lm_head.T  # [N, V]
+        """[N, h] -> [N, V] float32 (computed in the model's dtype)."""
+        return L.matmul(self.xp, hidden, self.lm_head.T).astype(np.float32, copy=False)
 
 
 def generate(model: ReferenceModel, prompts, max_new_tokens: int,

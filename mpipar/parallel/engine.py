@@ -11,6 +11,10 @@ DP: prompt i belongs to replica ``i % dp``. Every replica runs the same number o
 forwards (a replica without prompts runs them on zero tokens), because the EP all-to-all
 may join ranks of different replicas. The last stage's TP rank 0 of each replica sends
 its results to world rank 0, which puts them back in prompt order.
+
+``dtype`` (float32, bfloat16, float16, or "auto": ``backend.compute_dtype``) is the
+dtype of this rank's weights, activations, KV cache and of everything its collectives
+carry (a 16-bit run moves 2 bytes an element); the logits leave as float32.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 
 import numpy as np
 
+from ..backend import compute_dtype
 from ..comm.control import barrier, gather_object
 from ..comm.p2p import recv_array, send_array
 from ..model.layers import pack
@@ -34,13 +39,14 @@ TAG_RESULT = 21
 class ParallelModel:
     """This rank's part of the model: its stage's layers, TP/EP-sliced, and its vocab."""
 
-    def __init__(self, comms, source, xp=np):
+    def __init__(self, comms, source, xp=np, dtype="float32"):
         self.comms, self.xp = comms, xp
         self.config = config = source.config
+        self.dtype = dt = compute_dtype(dtype, xp, config.dtype)
         self.plan = plan = make_plan(config, comms.layout, comms.world.rank)
-        self.blocks = [TPBlock(source, config, plan, i, comms, xp) for i in plan.layers]
+        self.blocks = [TPBlock(source, config, plan, i, comms, xp, dt) for i in plan.layers]
         self.head = VocabParallelHead(source, config, plan, comms, xp,
-                                      embed=plan.first_stage, head=plan.last_stage)
+                                      embed=plan.first_stage, head=plan.last_stage, dtype=dt)
         self.pipe = Pipeline(comms)
         self.stats = RoutingStats(config.num_experts)
         self.forward_tokens = []  # N of every stage_forward on this rank (cost model input)
@@ -122,7 +128,7 @@ class ParallelModel:
                 if not last:
                     continue
                 rows = (self.xp.stack([first_rows[i] for i in mb]) if step == 0 else x) \
-                    if mb else self.xp.zeros((0, self.config.hidden_size), dtype=np.float32)
+                    if mb else self.xp.zeros((0, self.config.hidden_size), dtype=self.dtype)
                 tokens[mb, step], full = self.pick(rows, sampler, keep_logits,
                                                    [seq_ids[i] for i in mb], step)
                 if keep_logits:
@@ -201,5 +207,6 @@ class ParallelModel:
             "n_seqs": self.n_seqs,
             "decode_steps": self.decode_steps,
             "kv_cache_bytes": self.kv_cache_bytes,
+            "dtype": self.dtype.name,
         }
         return gather_object(self.comms.world, mine)

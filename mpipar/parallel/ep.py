@@ -85,20 +85,21 @@ def moe_forward(block, x, stats: RoutingStats):
     stats.rows_from_others += int(recv.shape[0] - to_host(recv_counts)[ep.rank])
     stats.rows_sent_away += int(send_counts.sum() - send_counts[ep.rank])
 
-    # Compute: rows from each source arrive sorted by expert.
+    # Compute: rows from each source arrive sorted by expert; regroup them by expert
+    # with an order made on the host from the counts (no device sync per expert).
     local_expert = np.repeat(np.tile(np.arange(per_rank_experts), ep.size), counts_in.ravel())
-    local_expert = xp.asarray(local_expert)
+    by_expert = xp.asarray(np.argsort(local_expert, kind="stable"))  # [R]
     out_rows = xp.empty_like(recv)
-    for e, (wg, wu, wd) in enumerate(block.experts):
-        sel = xp.nonzero(local_expert == e)[0]
-        if sel.shape[0]:
-            out_rows[sel] = L.swiglu(xp, recv[sel], wg, wu, wd)
+    out_rows[by_expert] = L.grouped_experts(xp, recv[by_expert], counts_in.sum(axis=0),
+                                            block.experts)
 
-    # Combine: rows come back in the order they were sent.
+    # Combine: rows come back in the order they were sent; a token's k rows are summed
+    # with its router weights in float32 and rounded once.
     back, _ = alltoallv(ep, out_rows, recv_counts, kind="ep_alltoall")  # [n_s*k, h]
     unsorted = xp.empty_like(back)
     unsorted[order] = back
-    ys = (unsorted.reshape(n_s, k, h) * weights[:, :, None]).sum(axis=1)  # [n_s, h]
+    ys = (unsorted.reshape(n_s, k, h).astype(np.float32, copy=False)
+          * weights[:, :, None]).sum(axis=1).astype(x.dtype, copy=False)  # [n_s, h]
 
     if tp.size == 1:
         return ys

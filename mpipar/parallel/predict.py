@@ -2,7 +2,8 @@
 
 The workload of a rank is the list of its stage forwards (tokens N in each), its
 sequences, and for EP the routing it saw. The engine's schedule per forward of N tokens
-on a rank of stage s, TP rank t (h = hidden, b = bytes per element):
+on a rank of stage s, TP rank t (h = hidden, b = bytes per element of the run's compute
+dtype: 4 for float32, 2 for bfloat16/float16, which travel as 16 bits):
 
     tp_allreduce  2 per layer of N*h elements (1 in MoE layers with ep > 1)
     tp_allgather  1 per MoE layer with ep > 1: token shares split(N, T) * h
@@ -19,11 +20,11 @@ not cover (tp_argmax, tp_logits, ep_counts, result) are not predicted.
 from __future__ import annotations
 
 from ..comm.ring import allreduce_bytes
+from ..costmodel import dtype_size
 from .shard import split
 
 PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send", "pp_tokens",
                    "ep_alltoall")
-ITEMSIZE = 4  # activations travel as float32
 
 
 def allgather_bytes(chunk_bytes: list, rank: int) -> tuple[int, int]:
@@ -38,7 +39,7 @@ def allgather_bytes(chunk_bytes: list, rank: int) -> tuple[int, int]:
 
 def predict_rank(config, layout, r: dict) -> dict:
     """r: one rank's entry of ParallelModel.report() -> {kind: predicted sent bytes}."""
-    co, h, b = r["coords"], config.hidden_size, ITEMSIZE
+    co, h, b = r["coords"], config.hidden_size, dtype_size(r.get("dtype", "float32"))
     tp, t = layout.tp, co["tp"]
     layers = range(*r["layers"])
     moe_ep = sum(1 for i in layers if config.is_moe_layer(i)) if layout.ep > 1 else 0

@@ -43,12 +43,13 @@ def allreduce(tp, x, kind=None):
 class TPBlock:
     """One decoder layer, holding this rank's slice (see ShardPlan)."""
 
-    def __init__(self, source, config, plan, layer: int, comms, xp):
+    def __init__(self, source, config, plan, layer: int, comms, xp, dtype=np.float32):
         self.config, self.plan, self.layer, self.comms, self.xp = config, plan, layer, comms, xp
+        self.dtype = dtype  # weights, activations and KV cache (model/layers.py)
         d, p = config.head_dim, layer_prefix(layer)
 
         def read(name, index=None):
-            return L.linear_weight(xp, source.read(p + name, index))
+            return L.linear_weight(xp, source.read(p + name, index, dtype=dtype))
 
         all_cols = slice(None)
         q = slice(plan.q_heads.start * d, plan.q_heads.stop * d)
@@ -77,7 +78,8 @@ class TPBlock:
                         read("mlp.down_proj.weight", (all_cols, i)))
 
     def new_cache(self, capacity: int):
-        return L.KVCache(self.xp, capacity, len(self.plan.kv_heads), self.config.head_dim)
+        return L.KVCache(self.xp, capacity, len(self.plan.kv_heads), self.config.head_dim,
+                         self.dtype)
 
     def forward(self, x, caches, segments, stats):
         """x [N, h] (identical on every TP rank) -> [N, h]; appends to caches."""
@@ -104,13 +106,16 @@ class TPBlock:
 class VocabParallelHead:
     """Embedding rows and lm_head rows of this rank's vocab chunk."""
 
-    def __init__(self, source, config, plan, comms, xp, embed: bool, head: bool):
+    def __init__(self, source, config, plan, comms, xp, embed: bool, head: bool,
+                 dtype=np.float32):
         self.config, self.plan, self.comms, self.xp = config, plan, comms, xp
         rows = (slice(plan.vocab.start, plan.vocab.stop), slice(None))
-        self.embed = xp.asarray(source.read("model.embed_tokens.weight", rows)) if embed else None
+        self.embed = (xp.asarray(source.read("model.embed_tokens.weight", rows, dtype=dtype))
+                      if embed else None)
         if head:
-            self.norm = xp.asarray(source.read("model.norm.weight"))
-            self.lm_head = L.linear_weight(xp, source.read("lm_head.weight", rows))  # [V_l, h]
+            self.norm = xp.asarray(source.read("model.norm.weight", dtype=dtype))
+            self.lm_head = L.linear_weight(
+                xp, source.read("lm_head.weight", rows, dtype=dtype))  # [V_l, h]
         self.counts = [len(split(config.vocab_size, comms.tp.size, t))  # V_t of each rank
                        for t in range(comms.tp.size)]
 
@@ -124,19 +129,19 @@ class VocabParallelHead:
         return allreduce(self.comms.tp, x, kind="tp_embed")
 
     def local_logits(self, x):
-        """x [N, h] (pre final norm) -> this rank's logits [N, V_l]."""
+        """x [N, h] (pre final norm) -> this rank's logits [N, V_l] in the model's dtype."""
         h = L.rms_norm(self.xp, x, self.norm, self.config.rms_norm_eps)
-        return h @ self.lm_head.T
+        return L.matmul(self.xp, h, self.lm_head.T)
 
     def full_logits(self, local):
         """[N, V_l] -> [N, V] on every TP rank (host float32)."""
         tp, xp = self.comms.tp, self.xp
         n = local.shape[0]
         if tp.size == 1:
-            return to_host(local)
+            return to_host(local).astype(np.float32, copy=False)
         flat = ring_allgather(tp, xp.ascontiguousarray(local).ravel(),
                               counts=[n * c for c in self.counts], kind="tp_logits")
-        flat = to_host(flat)
+        flat = to_host(flat).astype(np.float32, copy=False)
         parts, start = [], 0
         for c in self.counts:
             parts.append(flat[start:start + n * c].reshape(n, c))
@@ -146,6 +151,7 @@ class VocabParallelHead:
     def argmax(self, local):
         """Greedy token of each row [N] without gathering the logits (lowest id on ties)."""
         tp, xp = self.comms.tp, self.xp
+        local = local.astype(np.float32, copy=False)  # exact: 16-bit values fit float32
         idx = xp.argmax(local, axis=1)
         best = to_host(xp.take_along_axis(local, idx[:, None], axis=1)[:, 0]).astype(np.float32)
         ids = to_host(idx).astype(np.int64) + self.plan.vocab.start
