@@ -264,4 +264,4 @@ def experts_forward(xp, x, experts, weights, expert_weights, first_expert=0):
     y = grouped_experts(xp, x[mine // k], counts[held.start:held.stop], expert_weights)
     pair_out = xp.zeros((n * k, x.shape[1]), dtype=FLOAT32)  # [N*k, h]; other ranks' 0
     pair_out[mine] = y.astype(FLOAT32, copy=False) * weights.ravel()[mine][:, None]
-    return pair_out.reshape(n, k, -1).sum(axis=1).astype(x.dtype, copy=False)
+    return pair_out.reshape(n, k, x.shape[1]).sum(axis=1).astype(x.dtype, copy=False)
