@@ -1,0 +1,150 @@
+"""Compute in bfloat16 / float16: the fixtures against float32, with a tolerance derived here.
+
+The tolerance (``runner.logit_tolerance``): each layer rounds its output with a relative
+error eps1, measured below for each fixture and dtype by feeding every layer the same
+float32 input (rounded to the dtype) in both precisions: max |out16 - out32| / max |out32|.
+Through the pre-norm residual stream the L layers' and the head's errors add at most
+linearly, so logits must lie within (L + 1) * eps1 * max |logit| of the float32 ones.
+Measured on the fixtures: eps1 = 1.7-1.9 u (u = 2^-8 bfloat16, 2^-11 float16), logit
+errors about half the bound. Tokens must agree except where the float32 reference is
+itself a tie within that tolerance (``runner.compare``).
+
+A parallel 16-bit run is held to the same bound against float32 and against the
+single-process run in the same dtype; without TP (pipeline and data-parallel splits move
+activations but add nothing) it must equal the single-process run bit for bit.
+"""
+
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mpipar.backend import compute_dtype
+from mpipar.layout import Layout, make_comms
+from mpipar.model.checkpoint import CheckpointReader
+from mpipar.model.layers import pack
+from mpipar.model.reference import ReferenceModel, generate
+from mpipar.parallel.engine import ParallelModel
+from mpipar.parallel.predict import predict_rank
+from mpipar.parallel.shard import check_layout
+from mpipar.runner import compare, logit_tolerance
+
+FIXTURES = ("qwen3-tiny", "qwen3-moe-tiny")
+UNIT = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+NEW = 8
+
+
+@functools.cache
+def _source(folder):
+    return CheckpointReader(folder)
+
+
+def prompts_of(folder):
+    ref = json.load(open(os.path.join(folder, "ref.json")))
+    return [ref["prompt_a"], ref["prompt_b"]]
+
+
+@functools.cache
+def reference(folder, dtype):
+    """Greedy generation of the fixture's two prompts by the single-process model."""
+    return generate(ReferenceModel(_source(folder), dtype=dtype), prompts_of(folder), NEW)
+
+
+@functools.cache
+def layer_rounding(folder, dtype) -> float:
+    """eps1: the largest relative error of one layer's output in ``dtype``."""
+    src = _source(folder)
+    f32, low = ReferenceModel(src), ReferenceModel(src, dtype=dtype)
+    ids, segments = pack(prompts_of(folder))
+    outs = []
+    f32.hidden(ids, segments, f32.new_caches(2, 64), outs)
+    inputs = [f32.embed[ids]] + outs[:-1]
+    worst = 0.0
+    for i, (x, want) in enumerate(zip(inputs, outs, strict=True)):
+        got = low.block(i, x.astype(low.dtype), low.new_caches(2, 64)[i], segments)
+        assert got.dtype == low.dtype
+        worst = max(worst, float(np.abs(got.astype(np.float32) - want).max()
+                                 / np.abs(want).max()))
+    return worst
+
+
+def tolerance(folder, dtype):
+    scale = float(np.nanmax(np.abs(reference(folder, "float32").prompt_logits)))
+    return logit_tolerance(dtype, _source(folder).config.num_layers, scale,
+                           layer_rounding(folder, dtype))
+
+
+@pytest.mark.rank0
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", FIXTURES)
+def test_one_layer_rounding_is_a_few_units(fixtures_dir, name, dtype):
+    """The basis of the tolerance: of the order of the unit roundoff, not 0 (a run that
+    silently computes in float32) and not much more (a rounding step too many)."""
+    eps1 = layer_rounding(os.path.join(fixtures_dir, name), dtype)
+    assert 0.5 * UNIT[dtype] <= eps1 <= 4 * UNIT[dtype], (eps1, eps1 / UNIT[dtype])
+
+
+@pytest.mark.rank0
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", FIXTURES)
+def test_reference_in_16bit_against_float32(fixtures_dir, name, dtype):
+    folder = os.path.join(fixtures_dir, name)
+    model = ReferenceModel(_source(folder), dtype=dtype)
+    dt = compute_dtype(dtype, np)
+    assert model.lm_head.dtype == model.embed.dtype == model.layers[0]["attn"].q.dtype == dt
+    assert model.new_caches(1, 4)[0][0].k.dtype == dt
+    low, f32 = reference(folder, dtype), reference(folder, "float32")
+    tol = tolerance(folder, dtype)
+    assert compare(low, f32, tol) == "pass", (compare(low, f32, tol), tol)
+    # the tolerance is not vacuous: 16-bit logits do differ, by more than float32 noise
+    assert np.nanmax(np.abs(low.prompt_logits - f32.prompt_logits)) > UNIT[dtype]
+
+
+def layouts_16bit(world_size, moe):
+    """A few layouts of this world: TP alone, PP alone, TP x PP, and EP with DP."""
+    w = world_size
+    out = [Layout(tp=w), Layout(pp=w)]
+    if w % 2 == 0 and w > 2:
+        out.append(Layout(tp=2, pp=w // 2))
+    if moe and w % 2 == 0:
+        out.append(Layout(tp=w // 2, dp=2, ep=w))
+    return list(dict.fromkeys(out))
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_parallel_bfloat16(world, fixtures_dir, name):
+    folder = os.path.join(fixtures_dir, name)
+    source = _source(folder)
+    config = source.config
+    low, f32 = reference(folder, "bfloat16"), reference(folder, "float32")
+    tol = tolerance(folder, "bfloat16")
+    for layout in layouts_16bit(world.Get_size(), config.is_moe):
+        check_layout(config, layout)
+        comms = make_comms(layout, world)
+        model = ParallelModel(comms, source, dtype="bfloat16")
+        assert all(b.attn.q.dtype.name == "bfloat16" for b in model.blocks)
+        gen = model.generate(prompts_of(folder), NEW, keep_logits=True,
+                             prefill_chunks=3 if layout.pp > 1 else 1)
+        per_rank = model.report()
+        problems = None
+        if world.Get_rank() == 0:
+            problems = []
+            assert all(r["dtype"] == "bfloat16" for r in per_rank)
+            assert sum(r["kv_cache_bytes"] for r in per_rank) > 0
+            for r in per_rank:  # 2 bytes an element on the wire, as predicted
+                for kind, want in predict_rank(config, layout, r).items():
+                    got = r["ledger"].get(kind, {}).get("sent_bytes", 0)
+                    if got != want:
+                        problems.append((layout, r["rank"], kind, got, want))
+            for ref, what in ((f32, "float32"), (low, "bfloat16")):
+                verdict = compare(gen, ref, tol)
+                if verdict != "pass":
+                    problems.append((layout, what, verdict))
+            if layout.tp == 1 and layout.ep == 1:  # no arithmetic is split: bit-exact
+                if not (np.array_equal(gen.tokens, low.tokens)
+                        and np.array_equal(gen.decode_logits, low.decode_logits)):
+                    problems.append((layout, "not bit-exact with the single-process run"))
+        problems = world.bcast(problems, root=0)
+        assert not problems, problems
