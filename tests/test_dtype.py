@@ -148,3 +148,28 @@ def test_parallel_bfloat16(world, fixtures_dir, name):
                     problems.append((layout, "not bit-exact with the single-process run"))
         problems = world.bcast(problems, root=0)
         assert not problems, problems
+
+
+@pytest.mark.launcher
+def test_program_dtype_flag(fixtures_dir, tmp_path):
+    """--dtype bfloat16 end to end: check passes, the report says bfloat16, the KV cache
+    holds 2 bytes an element, the ledger equals the prediction; a bad --dtype exits 2."""
+    from mpipar.launch import run_mpi
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "programs",
+                           "transformer.py")
+    folder = os.path.join(fixtures_dir, "qwen3-moe-tiny")
+    prompt = prompts_of(folder)[0]
+    js = tmp_path / "run.json"
+    out = run_mpi(2, [program, "--model", folder, "--tp", "2", "--dtype", "bfloat16",
+                      "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "6",
+                      "--json", str(js), "--quiet"], timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rec = json.load(open(js))
+    assert rec["check"] == "pass" and rec["dtype"] == "bfloat16"
+    c = _source(folder).config
+    per_rank_kv = (len(prompt) + 6) * c.num_layers * (c.num_kv_heads // 2) * c.head_dim * 2 * 2
+    assert [r["kv_cache_bytes"] for r in rec["ranks"]] == [per_rank_kv] * 2
+    ar = rec["ledger"]["tp_allreduce"]
+    assert ar["measured_bytes"] == ar["predicted_bytes"] and min(ar["measured_bytes"]) > 0
+    bad = run_mpi(2, [program, "--model", folder, "--dtype", "int8"], timeout=60)
+    assert bad.returncode == 2 and (bad.stdout + bad.stderr).count("error:") == 1
