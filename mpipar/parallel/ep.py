@@ -25,8 +25,6 @@ per expert are counted (``RoutingStats``); max/mean shows the imbalance.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
 from ..backend import to_host
@@ -37,25 +35,32 @@ from .shard import split
 
 
 class RoutingStats:
-    """Pairs routed per expert per layer, rows received per rank (this rank's view)."""
+    """Pairs routed per expert per layer, rows received per rank (this rank's view).
+
+    The pair counts stay where the router ran (a device array on a GPU) and are added
+    there; they cross to the host only in ``per_expert``, not once per layer."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self.expert_pairs = defaultdict(lambda: np.zeros(num_experts, dtype=np.int64))
+        self.expert_pairs = {}  # layer -> pairs per expert [X], on the router's device
         self.rows_received = 0  # (token, expert) rows this rank's experts computed
         self.rows_from_others = 0  # of those, rows that came from other ranks
         self.rows_sent_away = 0  # rows dispatched to other ranks
 
-    def count_routing(self, layer, experts, share_of=None):
-        """experts [n, k]; with ``share_of`` (a group holding identical tokens) only its
-        rank 0 counts, so every token is counted once."""
+    def count_routing(self, layer, experts, share_of=None, xp=np):
+        """experts [n, k] (an ``xp`` array); with ``share_of`` (a group holding identical
+        tokens) only its rank 0 counts, so every token is counted once."""
         if share_of is not None and share_of.rank != 0:
             return
-        host = to_host(experts)
-        self.expert_pairs[layer] += np.bincount(host.ravel(), minlength=self.num_experts)
+        counts = xp.bincount(experts.ravel(), minlength=self.num_experts)  # [X]
+        if layer in self.expert_pairs:
+            self.expert_pairs[layer] += counts
+        else:
+            self.expert_pairs[layer] = counts
 
     def per_expert(self) -> np.ndarray:
-        return sum(self.expert_pairs.values(), np.zeros(self.num_experts, dtype=np.int64))
+        return sum((to_host(c).astype(np.int64) for c in self.expert_pairs.values()),
+                   np.zeros(self.num_experts, dtype=np.int64))
 
 
 def moe_forward(block, x, stats: RoutingStats):
@@ -68,7 +73,7 @@ def moe_forward(block, x, stats: RoutingStats):
     n_s = xs.shape[0]
 
     experts, weights = L.router_topk(xp, xs, block.router, k, c.norm_topk_prob)  # [n_s, k]
-    stats.count_routing(block.layer, experts)
+    stats.count_routing(block.layer, experts, xp=xp)
     flat_expert = experts.ravel()  # pair p = token p // k, slot p % k
     order = xp.argsort(flat_expert, kind="stable")  # pairs sorted by expert, then token
     per_expert = xp.bincount(flat_expert, minlength=c.num_experts)  # [X]

@@ -97,7 +97,7 @@ class TPBlock:
             if self.comms.layout.ep == 1:
                 experts, weights = L.router_topk(xp, h, self.router, c.num_experts_per_tok,
                                                  c.norm_topk_prob)
-                stats.count_routing(self.layer, experts, share_of=tp)
+                stats.count_routing(self.layer, experts, share_of=tp, xp=xp)
                 return x + allreduce(tp, L.experts_forward(xp, h, experts, weights,
                                                            self.experts))
         return x + ep_mod.moe_forward(self, h, stats)
