@@ -1,14 +1,19 @@
 """One-command device check: GPU tests, the program on 4 ranks sharing the GPU, benchmarks.
 
-    python programs/gpu_check.py                # on a GPU machine (fits in 8 minutes)
-    python programs/gpu_check.py --device cpu    # the same steps on the CPU (dry run)
+    python programs/gpu_check.py --json gpu_check.json   # on a GPU machine (< 8 minutes)
+    python programs/gpu_check.py --device cpu            # the same steps on the CPU (dry run)
+    python programs/gpu_check.py --device cpu --steps allreduce,decode   # what CI runs
 
 Steps: (1) environment: GPU, MPI library, CUDA-awareness, which transport path runs;
 (2) tests/test_gpu.py on 1 and 4 ranks; (3) programs/transformer.py with 4 ranks
 (sharing one GPU round-robin) on both fixtures and the built-in model in several
-layouts, each checked against the CPU reference; (4) the all-reduce benchmark with
-device buffers; (5) decode time per token, GPU vs CPU, same preset. Ends with one table;
-exit status non-zero if any step failed.
+layouts, each checked against the CPU float32 reference (tokens equal in float32;
+bfloat16 runs within runner.logit_tolerance); (4) the ring all-reduce beside MPI's
+Allreduce on the same device buffers, 4 ranks, busbw; (5) the decode benchmark
+(programs/bench_gpu_decode.py): ms per output token and fraction of the HBM roofline for
+the Qwen3-0.6B, Qwen3-8B and Qwen3-30B-A3B shapes in bfloat16, batch 1 and 64, on 1
+rank and on 4 ranks sharing the GPU (tiny float32 shapes with --device cpu). Ends with
+one table; exit status non-zero if any step failed.
 """
 
 import argparse
@@ -23,11 +28,15 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
 import mpipar  # noqa: E402,F401  (one BLAS thread per rank)
-from mpipar.launch import run_mpi  # noqa: E402
+from mpipar.launch import clean_env, run_mpi  # noqa: E402
 
 FIXTURES = os.environ.get("MPIPAR_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
 LAYOUTS = ["--tp 4", "--tp 2 --pp 2 --prefill-chunks 3", "--tp 2 --dp 2 --ep 4",
            "--pp 4 --prefill-chunks 4"]
+BF16_RUNS = [("qwen3-tiny", "--tp 4 --dtype bfloat16"),
+             ("qwen3-moe-tiny", "--tp 2 --dp 2 --ep 4 --dtype bfloat16"),
+             (None, "--tp 2 --pp 2 --prefill-chunks 3 --dtype bfloat16")]
+STEPS = ("tests", "layouts", "allreduce", "decode")
 
 
 def environment(device):
@@ -83,57 +92,76 @@ def layouts_step(env):
                 continue
             rec, err = program(4, [*args, *lay.split(), "--check"], env)
             results.append((model or "builtin", lay, rec["check"] if rec else f"error {err}"))
+    for model, lay in BF16_RUNS:
+        args = ["--model", os.path.join(FIXTURES, model)] if model else []
+        rec, err = program(4, [*args, *lay.split(), "--check"], env)
+        results.append((model or "builtin", lay, rec["check"] if rec else f"error {err}"))
     bad = [r for r in results if r[2] != "pass"]
     return not bad, f"{len(results) - len(bad)}/{len(results)} runs pass" + (
         f"; failed: {bad}" if bad else "")
 
 
-def allreduce_step(env, device, table):
+def allreduce_step(env, device, table, path):
+    """Ring vs MPI Allreduce on the same (device) buffers, 4 ranks sharing the GPU."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         args = [os.path.join(ROOT, "programs", "bench_allreduce.py"), "--json", f.name,
-                "--max-size", str(64 << 20)]
-        if device == "gpu":
-            args += ["--device", "gpu"]
-        proc = run_mpi(2, args, timeout=200, env=env, cwd=ROOT)
+                "--max-size", str(64 << 20 if device == "gpu" else 1 << 20), "--device", device]
+        proc = run_mpi(4, args, timeout=200, env=env, cwd=ROOT)
         if proc.returncode != 0:
             return False, (proc.stdout[-300:] + proc.stderr[-300:]).strip()
         recs = json.load(open(f.name))
     big = [r for r in recs if r["size_bytes"] == max(x["size_bytes"] for x in recs)]
     for r in big:
-        table[f"allreduce busbw {r['method']} 2 ranks {r['size_bytes'] >> 20} MiB"] = \
-            f"{r['busbw_gbs']:.2f} GB/s"
-    return True, ", ".join(f"{r['method']} {r['busbw_gbs']:.2f} GB/s" for r in big)
+        table[f"all-reduce busbw, {r['method']}, 4 ranks, {r['size_bytes'] >> 20} MiB, "
+              f"{path}"] = f"{r['busbw_gbs']:.2f} GB/s"
+    return True, f"{path}: " + ", ".join(f"{r['method']} {r['busbw_gbs']:.2f} GB/s" for r in big)
 
 
 def decode_step(env, device, table):
-    out = []
-    for dev in (["cpu", "gpu"] if device == "gpu" else ["cpu"]):
-        rec, err = program(1, ["--preset", "bench-166m", "--max-new-tokens", "16",
-                               "--no-check", "--device", dev], env, timeout=300)
-        if rec is None:
-            return False, err
-        table[f"decode bench-166m {dev}"] = (f"{rec['tpot_s'] * 1e3:.1f} ms/token, "
-                                             f"{1 / rec['tpot_s']:.1f} tokens/s")
-        out.append(f"{dev} {rec['tpot_s'] * 1e3:.1f} ms/token")
-    return True, ", ".join(out)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "programs",
+                                                            "bench_gpu_decode.py"),
+                               "--device", device, "--json", f.name],
+                              capture_output=True, text=True, timeout=330, env=clean_env(env),
+                              cwd=ROOT)
+        if proc.returncode != 0:
+            return False, (proc.stdout[-600:] + proc.stderr[-600:]).strip()
+        rows = json.load(open(f.name))
+    for r in rows:
+        table[f"decode {r['preset']} {r['dtype']}, {r['ranks']} rank(s) {r['layout']}, "
+              f"batch {r['batch']}"] = (f"{r['ms_per_token']:.2f} ms/token, "
+                                        f"{100 * r['roofline_fraction']:.1f}% of roofline "
+                                        f"({r['weight_gb_per_step']:.3f} GB/step at "
+                                        f"{r['copy_gbs']:.0f} GB/s)")
+    return True, f"{len(rows)} configurations"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--json", help="write the summary here")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help=f"comma-separated subset of {','.join(STEPS)}")
     args = p.parse_args()
+    steps = args.steps.split(",")
+    if set(steps) - set(STEPS):
+        p.error(f"--steps: unknown {sorted(set(steps) - set(STEPS))}")
     env = {"MPIPAR_DEVICE": args.device, "MPIPAR_FIXTURES": FIXTURES}
     info = environment(args.device)
     table = {"device": info.get("gpu", "cpu"), "MPI": info.get("mpi", "?"),
              "transport path": info["path"]}
     print(json.dumps(info), flush=True)
     rows = []
-    step(rows, "GPU unit tests, 1 rank", lambda: pytest_step(1, env, args.device))
-    step(rows, "GPU unit tests, 4 ranks", lambda: pytest_step(4, env, args.device))
-    step(rows, "transformer.py layouts, 4 ranks", lambda: layouts_step(env))
-    step(rows, "all-reduce benchmark", lambda: allreduce_step(env, args.device, table))
-    step(rows, "decode GPU vs CPU", lambda: decode_step(env, args.device, table))
+    if "tests" in steps:
+        step(rows, "GPU unit tests, 1 rank", lambda: pytest_step(1, env, args.device))
+        step(rows, "GPU unit tests, 4 ranks", lambda: pytest_step(4, env, args.device))
+    if "layouts" in steps:
+        step(rows, "transformer.py layouts, 4 ranks", lambda: layouts_step(env))
+    if "allreduce" in steps:
+        step(rows, "all-reduce ring vs MPI", lambda: allreduce_step(env, args.device, table,
+                                                                     info["path"]))
+    if "decode" in steps:
+        step(rows, "decode benchmark", lambda: decode_step(env, args.device, table))
     print("\n| step | result | time | detail |\n| --- | --- | --- | --- |")
     for r in rows:
         print("| " + " | ".join(r) + " |")

@@ -109,3 +109,19 @@ def test_plot_timeline_bad_input(tmp_path):
                           str(bad), "-o", str(tmp_path / "x.png")], capture_output=True,
                          text=True, timeout=60, env=clean_env())
     assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """programs/gpu_check.py --device cpu: its all-reduce and decode-benchmark steps on
+    tiny shapes (the GPU run is the same code with the Qwen3 shapes)."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, os.path.join(PROGRAMS, "gpu_check.py"), "--device",
+                           "cpu", "--steps", "allreduce,decode", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, env=clean_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert [s[1] for s in rec["steps"]] == ["pass", "pass"], rec["steps"]
+    decode = {k: v for k, v in rec["facts"].items() if k.startswith("decode ")}
+    assert len(decode) == 8 and all("ms/token" in v and "% of roofline" in v
+                                    for v in decode.values()), decode
+    assert any(k.startswith("all-reduce busbw, ring, 4 ranks") for k in rec["facts"])

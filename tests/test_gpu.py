@@ -54,17 +54,20 @@ def test_reference_on_gpu_matches_fixtures(fixtures_dir, name):
     assert np.abs(gen.prompt_logits[0] - logits).max() < TOL
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_ring_allreduce_cupy_buffers(world, dtype):
     from mpipar.comm.ring import ring_allreduce
+    from mpipar.model.checkpoint import as_dtype
     group, ledger = _transport_group(world)
     rng = np.random.default_rng(world.Get_rank())
     for n in (0, 1, 1000, (1 << 20) + 7):
-        x = rng.standard_normal(n).astype(dtype)
+        x = rng.standard_normal(n).astype(as_dtype(dtype))
         want = np.empty(n, np.float32)
         world.Allreduce(x.astype(np.float32), want)
         got = cupy.asnumpy(ring_allreduce(group, cupy.asarray(x))).astype(np.float32)
-        tol = 1e-4 if dtype == "float32" else 2e-2 * max(1, world.Get_size())
+        # 16-bit: a rounding per hop; bfloat16 has 3 mantissa bits fewer than float16
+        tol = 1e-4 if dtype == "float32" else (
+            (2e-2 if dtype == "float16" else 1.6e-1) * max(1, world.Get_size()))
         assert np.allclose(got, want, rtol=tol, atol=tol), (n, dtype)
 
 
@@ -86,3 +89,43 @@ def test_engine_on_gpu_matches_fixture(world, fixtures_dir):
         assert gen.tokens[0].tolist() == ref["greedy_generate"]
         dec = np.load(os.path.join(folder, "ref_decode_logits.npy"))
         assert np.abs(gen.decode_logits[0] - dec).max() < TOL
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_matmul_16bit_on_gpu(dtype):
+    """layers.matmul on CuPy: 2-D through cuBLAS in 16 bits, batched widened; both equal
+    the CPU path (float32 products of the same 16-bit values) up to one rounding."""
+    from mpipar.model import layers as L
+    from mpipar.model.checkpoint import as_dtype
+    dt = as_dtype(dtype)
+    rng = np.random.default_rng(3)
+    for shape_a, shape_b in (((37, 64), (64, 50)), ((4, 2, 9, 16), (4, 1, 16, 33))):
+        a = rng.standard_normal(shape_a).astype(dt)
+        b = rng.standard_normal(shape_b).astype(dt)
+        want = L.matmul(np, a, b).astype(np.float32)
+        got = L.matmul(cupy, cupy.asarray(a), cupy.asarray(b))
+        assert got.dtype == dt
+        err = np.abs(cupy.asnumpy(got).astype(np.float32) - want).max() / np.abs(want).max()
+        assert err <= 2 * {"bfloat16": 2 ** -8, "float16": 2 ** -11}[dtype], (shape_a, err)
+
+
+@pytest.mark.parametrize("name", ["qwen3-tiny", "qwen3-moe-tiny"])
+def test_reference_bfloat16_on_gpu_matches_cpu(fixtures_dir, name):
+    """The same bf16 math on the GPU and on the CPU: within the tolerance of a bf16 run
+    (runner.logit_tolerance), tokens equal except at ties within it."""
+    from mpipar.model.checkpoint import CheckpointReader
+    from mpipar.model.reference import ReferenceModel, generate
+    from mpipar.runner import compare, logit_tolerance
+    folder = os.path.join(fixtures_dir, name)
+    ref = json.load(open(os.path.join(folder, "ref.json")))
+    src = CheckpointReader(folder)
+    prompts = [ref["prompt_a"], ref["prompt_b"]]
+    cpu = generate(ReferenceModel(src, dtype="bfloat16"), prompts, 8)
+    gpu = generate(ReferenceModel(src, xp=cupy, dtype="auto"), prompts, 8)  # auto: the
+    f32 = generate(ReferenceModel(src), prompts, 8)      # checkpoint's float32 on a GPU
+    assert np.array_equal(gpu.tokens, f32.tokens)
+    low = generate(ReferenceModel(src, xp=cupy, dtype="bfloat16"), prompts, 8)
+    tol = logit_tolerance("bfloat16", src.config.num_layers,
+                          float(np.nanmax(np.abs(f32.prompt_logits))))
+    assert compare(low, cpu, tol) == "pass"
+    assert compare(low, f32, tol) == "pass"

@@ -339,6 +339,8 @@ _MOE = dict(model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8,
 PRESETS: dict[str, ModelConfig] = {p.name: p for p in (
     ModelConfig(name="qwen3-0.6b", hidden_size=1024, num_layers=28, num_heads=16,
                 num_kv_heads=8, intermediate_size=3072, tie_word_embeddings=True, **_QWEN),
+    ModelConfig(name="qwen3-8b", hidden_size=4096, num_layers=36, num_heads=32,
+                num_kv_heads=8, intermediate_size=12288, **_QWEN),
     ModelConfig(name="qwen3-30b-a3b", hidden_size=2048, num_layers=48, num_heads=32,
                 num_kv_heads=4, intermediate_size=6144, moe_intermediate_size=768,
                 **_QWEN, **_MOE),
