@@ -4,9 +4,11 @@
 On a GPU every device->host copy is a synchronisation that stalls the launch queue, so
 the per-step count is what keeps a decode step on the device. Counted on the CPU by
 wrapping every ``to_host`` the model code calls (NumPy has no device, the calls are the
-same). Syncs CuPy makes implicitly (``nonzero``, boolean masks, ``int()`` of a device
-scalar) are not seen here: the code avoids them by construction (the expert loop slices
-by host counts; see layers.experts_forward), which only a GPU run can time.
+same). Of the syncs CuPy makes implicitly, the functions that need the data on the
+host to size their output (``nonzero``, ``flatnonzero``, ``argwhere``, ``unique``, and
+``bincount``, which checks the range of its input) must not run in the step either;
+boolean-mask indexing and ``int()`` of a device scalar are not seen here (the code slices
+by host counts instead: layers.experts_forward), which only a GPU run can time.
 """
 
 import os
@@ -40,7 +42,13 @@ def test_host_transfers_per_decode_step(fixtures_dir, monkeypatch, name):
     for mod in MODULES:
         if hasattr(importlib.import_module(mod), "to_host"):
             monkeypatch.setattr(f"{mod}.to_host", counting)
+
+    def syncs_on_a_gpu(*args, **kwargs):
+        raise AssertionError("a function that synchronises CuPy ran in the decode step")
+    for fn in ("nonzero", "flatnonzero", "argwhere", "unique", "bincount"):
+        monkeypatch.setattr(f"numpy.{fn}", syncs_on_a_gpu)
     x, _ = model.stage_forward([[7], [9]], caches)
     model.pick(x, Sampler(), False, [0, 1], 1)
+    monkeypatch.undo()
     moe_layers = sum(source.config.is_moe_layer(i) for i in range(source.config.num_layers))
     assert len(calls) == moe_layers + 2, calls  # + argmax: the best value and its index

@@ -230,6 +230,14 @@ def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta
     return matmul(xp, out.reshape(n, hq * d), w.o.T)
 
 
+def count_per_expert(xp, sorted_experts, num_experts: int):
+    """Expert ids sorted ascending [P] -> pairs per expert [num_experts] int, on the ids'
+    device. Binary search of each expert's first pair: no host sync (cupy.bincount makes
+    two, for its range checks)."""
+    edges = xp.searchsorted(sorted_experts, xp.arange(num_experts + 1), side="left")
+    return xp.diff(edges)
+
+
 def grouped_experts(xp, rows, counts, expert_weights):
     """rows [R, h] sorted by expert, counts[e] (host ints) rows of held expert e -> [R, h].
 
@@ -250,15 +258,16 @@ def experts_forward(xp, x, experts, weights, expert_weights, first_expert=0):
     x [N, h]; experts, weights [N, k]; expert_weights: list of (gate, up, down) for experts
     first_expert .. first_expert+len-1 (whole or intermediate-sliced) -> [N, h].
 
-    The N*k (token, expert) pairs are sorted by expert once; one bincount crosses to the
-    host (the layer's only sync), and each expert that got pairs runs on its rows. The
+    The N*k (token, expert) pairs are sorted by expert once; their counts per expert
+    cross to the host (the layer's only sync), and each expert that got pairs runs on
+    its rows. The
     k rows of a token are summed with the router weights in float32, rounded once.
     """
     n, k = experts.shape
     held = range(first_expert, first_expert + len(expert_weights))
     flat = experts.ravel()  # pair p = token p // k, slot p % k
     order = xp.argsort(flat, kind="stable")  # pairs sorted by expert, then token
-    counts = to_host(xp.bincount(flat, minlength=held.stop))  # [>= held.stop]
+    counts = to_host(count_per_expert(xp, flat[order], held.stop))  # [held.stop]
     first = int(counts[:held.start].sum())
     mine = order[first:first + int(counts[held.start:held.stop].sum())]
     y = grouped_experts(xp, x[mine // k], counts[held.start:held.stop], expert_weights)

@@ -52,7 +52,7 @@ class RoutingStats:
         tokens) only its rank 0 counts, so every token is counted once."""
         if share_of is not None and share_of.rank != 0:
             return
-        counts = xp.bincount(experts.ravel(), minlength=self.num_experts)  # [X]
+        counts = L.count_per_expert(xp, xp.sort(experts.ravel()), self.num_experts)  # [X]
         if layer in self.expert_pairs:
             self.expert_pairs[layer] += counts
         else:
@@ -76,7 +76,7 @@ def moe_forward(block, x, stats: RoutingStats):
     stats.count_routing(block.layer, experts, xp=xp)
     flat_expert = experts.ravel()  # pair p = token p // k, slot p % k
     order = xp.argsort(flat_expert, kind="stable")  # pairs sorted by expert, then token
-    per_expert = xp.bincount(flat_expert, minlength=c.num_experts)  # [X]
+    per_expert = L.count_per_expert(xp, flat_expert[order], c.num_experts)  # [X]
     per_rank_experts = c.num_experts // ep.size
     send_counts = to_host(per_expert.reshape(ep.size, per_rank_experts).sum(axis=1))
     rows = xs[order // k]  # [n_s*k, h], grouped by owner rank
