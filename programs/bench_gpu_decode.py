@@ -25,6 +25,16 @@ E (1 - (1 - k/E)^B) of its E experts (8 of 128 at B = 1, 126 at B = 64). fractio
 (bytes_step / B_copy) / measured time per token. Weights are a tiled random block
 (``TiledWeights``): the speed does not depend on their values, and generating 8e9
 normal values per run would take longer than the benchmark.
+
+CUDA graphs: the decode step is not captured. A graph replays fixed kernels on fixed
+addresses, and this step is not fixed: attention runs over the S cached positions, a
+shape that grows every step, RoPE's positions are kernel arguments, an MoE layer brings
+its expert counts to the host to run only the experts that got tokens, and with more
+than one rank MPI calls sit between the kernels. Capturing needs a decode path with
+device-side positions and lengths, attention over a fixed-capacity (paged) cache and a
+fixed MoE schedule, on one rank or with device collectives (NCCL). What this step does
+on the device instead: no host round-trip inside a layer (tests/test_device_syncs.py),
+so CuPy's launches queue up ahead of the GPU; the one per-step sync is the token pick.
 """
 
 from __future__ import annotations
