@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import mpipar  # noqa: E402,F401  (one BLAS thread per rank)
 from mpipar.launch import clean_env, run_mpi  # noqa: E402
 
-FIXTURES = os.environ.get("MPIPAR_FIXTURES", os.path.join(ROOT, "..", "shared", "fixtures"))
+FIXTURES = os.environ.get("MPIPAR_FIXTURES", os.path.join(ROOT, "tests", "fixtures"))
 LAYOUTS = ["--tp 4", "--tp 2 --pp 2 --prefill-chunks 3", "--tp 2 --dp 2 --ep 4",
            "--pp 4 --prefill-chunks 4"]
 BF16_RUNS = [("qwen3-tiny", "--tp 4 --dtype bfloat16"),

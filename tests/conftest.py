@@ -27,9 +27,7 @@ import mpipar  # noqa: F401  (sets one BLAS thread per rank before numpy/MPI loa
 
 WORLD = MPI.COMM_WORLD
 RANK_WAIT_S = 60.0
-FIXTURES = os.environ.get(
-    "MPIPAR_FIXTURES",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
+FIXTURES = os.environ.get("MPIPAR_FIXTURES", os.path.join(os.path.dirname(__file__), "fixtures"))
 
 
 def sleepy_allreduce_max(value: int, deadline_s: float) -> int | None:

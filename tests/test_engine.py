@@ -43,6 +43,8 @@ def load_refs(folder):
         "logits_a": np.load(os.path.join(folder, "ref_logits.npy"))[0],
         "logits_b": np.load(os.path.join(folder, "ref_logits_b.npy"))[0],
         "decode_a": np.load(os.path.join(folder, "ref_decode_logits.npy")),
+        "long": ref["prompt_long"], "tokens_long": ref["greedy_generate_long"],
+        "logits_long": os.path.join(folder, "ref_logits_long.npy"),
     }
 
 
@@ -87,11 +89,54 @@ def test_every_layout_matches_transformers(world, fixtures_dir, name):
 def check_generation(gen, refs, config, where):
     assert np.array_equal(gen.tokens, refs["tokens"]), where
     pl = gen.prompt_logits
-    assert pl.shape == (2, 12, config.vocab_size), where
-    assert np.abs(pl[0] - refs["logits_a"]).max() < TOL, where
-    assert np.abs(pl[1, :7] - refs["logits_b"]).max() < TOL, where
-    assert np.isnan(pl[1, 7:]).all(), where
+    na, nb = len(refs["prompts"][0]), len(refs["prompts"][1])
+    assert pl.shape == (2, max(na, nb), config.vocab_size), where
+    assert np.abs(pl[0, :na] - refs["logits_a"]).max() < TOL, where
+    assert np.abs(pl[1, :nb] - refs["logits_b"]).max() < TOL, where
+    assert np.isnan(pl[1, nb:]).all(), where
     assert np.abs(gen.decode_logits[0] - refs["decode_a"]).max() < TOL, where
+
+
+# MQA + tied + bf16 + 5 layers + odd vocab; MoE top-3 with dense layers between, sharded.
+MORE_SHAPES = ["qwen3-mqa-bf16-tied", "qwen3-moe-mixed-sharded", "qwen3-chat"]
+
+
+@pytest.mark.parametrize("name", MORE_SHAPES)
+def test_more_checkpoint_shapes_in_every_layout(world, fixtures_dir, name):
+    """Every layout of this world, 3 prefill chunks, against transformers' numbers."""
+    folder = os.path.join(fixtures_dir, name)
+    source = CheckpointReader(folder)
+    refs, config = load_refs(folder), source.config
+    for layout in layouts(world.Get_size(), config.num_experts):
+        try:
+            check_layout(config, layout)
+        except LayoutError:
+            continue  # e.g. 4 query heads cannot split over tp=3; same on every rank
+        model = ParallelModel(make_comms(layout, world), source)
+        gen = model.generate(refs["prompts"], 8, prefill_chunks=3, keep_logits=True)
+        on_rank0(world, check_ledger, model.report(), layout, config)
+        on_rank0(world, check_generation, gen, refs, config, f"{name} {layout}")
+
+
+@pytest.mark.parametrize("name", ["qwen3-tiny", "qwen3-moe-tiny"])
+def test_long_prompt_with_chunk_boundaries_inside_attention_blocks(world, fixtures_dir, name):
+    """300 tokens in 2 chunks of 150: each chunk runs two query blocks of up to 128, and
+    the second chunk's blocks see keys from the first chunk's cache and from their own."""
+    folder = os.path.join(fixtures_dir, name)
+    source = CheckpointReader(folder)
+    refs = load_refs(folder)
+    n = world.Get_size()
+    layout = Layout(tp=2, pp=n // 2) if n % 2 == 0 else Layout(pp=n)
+    if source.config.is_moe and n % 2 == 0:
+        layout = Layout(tp=2, pp=n // 2, ep=2)
+    model = ParallelModel(make_comms(layout, world), source)
+    gen = model.generate([refs["long"]], 8, prefill_chunks=2, keep_logits=True)
+
+    def check():
+        assert gen.tokens[0].tolist() == refs["tokens_long"], layout
+        err = np.abs(gen.prompt_logits[0] - np.load(refs["logits_long"])[0]).max()
+        assert err < TOL, (layout, err)
+    on_rank0(world, check)
 
 
 def test_random_model_matches_reference_with_sampling(world):
