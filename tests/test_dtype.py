@@ -9,6 +9,14 @@ Measured on the fixtures: eps1 = 1.7-1.9 u (u = 2^-8 bfloat16, 2^-11 float16), l
 errors about half the bound. Tokens must agree except where the float32 reference is
 itself a tie within that tolerance (``runner.compare``).
 
+MoE: a token whose router has a near-tie at the top-k boundary can pick another expert
+in 16 bits, a discrete change that no rounding bound covers. The test records both
+runs' routing and requires that the logit rows beyond the tolerance are exactly rows
+whose routing flipped, and that each flip started at a near-tie of the float32 router
+(its k-th and (k+1)-th probabilities closer than twice the layer's measured 16-bit
+probability error); ``runner.allowed_outlier_rows`` is the allowance a run without
+routing records gets.
+
 A parallel 16-bit run is held to the same bound against float32 and against the
 single-process run in the same dtype; without TP (pipeline and data-parallel splits move
 activations but add nothing) it must equal the single-process run bit for bit.
@@ -17,27 +25,31 @@ activations but add nothing) it must equal the single-process run bit for bit.
 import functools
 import json
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
 
-from mpipar.backend import compute_dtype
-from mpipar.layout import Layout, make_comms
+from mpipar.backend import compute_dtype, to_host
+from mpipar.layout import Layout, LayoutError, make_comms
+from mpipar.model import layers as L
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.layers import pack
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.parallel.engine import ParallelModel
 from mpipar.parallel.predict import predict_rank
 from mpipar.parallel.shard import check_layout
-from mpipar.runner import compare, logit_tolerance
+from mpipar.runner import allowed_outlier_rows, compare, logit_tolerance
 
-FIXTURES = ("qwen3-tiny", "qwen3-moe-tiny")
+FIXTURES = ("qwen3-tiny", "qwen3-moe-tiny", "qwen3-mqa-bf16-tied", "qwen3-moe-mixed-sharded")
 UNIT = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 NEW = 8
 
 
 @functools.cache
 def _source(folder):
+    if not os.path.isdir(folder):
+        pytest.skip(f"no fixture {folder}")
     return CheckpointReader(folder)
 
 
@@ -47,9 +59,50 @@ def prompts_of(folder):
 
 
 @functools.cache
+def traced(folder, dtype):
+    """Greedy generation of the fixture's two prompts by the single-process model, and
+    every router call's choice: [(experts sorted [n, k], probabilities [n, X])]."""
+    calls, router_topk = [], L.router_topk
+
+    def recording(xp, x, w_router, top_k, norm_topk_prob):
+        experts, weights = router_topk(xp, x, w_router, top_k, norm_topk_prob)
+        probs = L.softmax(xp, L.matmul(xp, x, w_router.T).astype(np.float32))
+        calls.append((np.sort(to_host(experts), axis=1), to_host(probs)))
+        return experts, weights
+    with mock.patch.object(L, "router_topk", recording):
+        gen = generate(ReferenceModel(_source(folder), dtype=dtype), prompts_of(folder), NEW)
+    return gen, calls
+
+
 def reference(folder, dtype):
-    """Greedy generation of the fixture's two prompts by the single-process model."""
-    return generate(ReferenceModel(_source(folder), dtype=dtype), prompts_of(folder), NEW)
+    return traced(folder, dtype)[0]
+
+
+def routing_flips(folder, dtype):
+    """Logit rows whose routing differs between ``dtype`` and float32, in the forwards
+    both runs fed the same tokens: {("prompt", seq, pos) | ("decode", seq, step)}; and
+    for each such row the first flip's (float32 top-k margin, that layer's largest
+    16-bit probability error)."""
+    config = _source(folder).config
+    (low, calls16), (f32, calls32) = traced(folder, dtype), traced(folder, "float32")
+    moe = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    if not moe:
+        return {}
+    same = [s for s in range(NEW) if (low.tokens[:, :s] == f32.tokens[:, :s]).all()]
+    _, segments = pack(prompts_of(folder))
+    rows = {}
+    for f in range(max(same) + 1):  # forward f: 0 the prefill, else decode -> step f
+        names = ([("prompt", seq, r) for seq, _, n in segments for r in range(n)] if f == 0
+                 else [("decode", b, f) for b in range(low.tokens.shape[0])])
+        for j in range(moe):
+            (e16, p16), (e32, p32) = calls16[f * moe + j], calls32[f * moe + j]
+            flipped = (e16 != e32).any(axis=1)
+            noise = float(np.abs(p16 - p32)[~flipped].max()) if (~flipped).any() else 1.0
+            top = np.sort(p32, axis=1)[:, ::-1]
+            k = config.num_experts_per_tok
+            for r in np.flatnonzero(flipped):
+                rows.setdefault(names[r], (float(top[r, k - 1] - top[r, k]), noise))
+    return rows
 
 
 @functools.cache
@@ -97,7 +150,23 @@ def test_reference_in_16bit_against_float32(fixtures_dir, name, dtype):
     assert model.new_caches(1, 4)[0][0].k.dtype == dt
     low, f32 = reference(folder, dtype), reference(folder, "float32")
     tol = tolerance(folder, dtype)
-    assert compare(low, f32, tol) == "pass", (compare(low, f32, tol), tol)
+    flips = routing_flips(folder, dtype)
+    for row, (margin, noise) in flips.items():  # each flip began at a router near-tie
+        assert margin <= 2 * noise, (row, margin, noise)
+    beyond = set()
+    for seq, pos in zip(*np.nonzero(np.max(np.abs(low.prompt_logits - f32.prompt_logits),
+                                           axis=-1) > tol), strict=True):
+        beyond.add(("prompt", int(seq), int(pos)))
+    same = max(s for s in range(NEW) if (low.tokens[:, :s] == f32.tokens[:, :s]).all())
+    for seq, step in zip(*np.nonzero(np.max(np.abs(low.decode_logits - f32.decode_logits),
+                                            axis=-1) > tol), strict=True):
+        last = len(prompts_of(folder)[seq]) - 1  # step 0's logits: the prompt's last row
+        if step <= same:  # later steps may follow another token (a tie)
+            beyond.add(("prompt", int(seq), last) if step == 0 else ("decode", int(seq),
+                                                                      int(step)))
+    assert beyond <= set(flips), (sorted(beyond - set(flips)), tol)
+    verdict = compare(low, f32, tol, outlier_rows=len(flips))
+    assert verdict.startswith("pass"), (verdict, tol, sorted(flips))
     # the tolerance is not vacuous: 16-bit logits do differ, by more than float32 noise
     assert np.nanmax(np.abs(low.prompt_logits - f32.prompt_logits)) > UNIT[dtype]
 
@@ -120,8 +189,13 @@ def test_parallel_bfloat16(world, fixtures_dir, name):
     config = source.config
     low, f32 = reference(folder, "bfloat16"), reference(folder, "float32")
     tol = tolerance(folder, "bfloat16")
+    rows = int(np.sum(~np.isnan(f32.prompt_logits[..., 0]))) + f32.tokens.size
+    outliers = allowed_outlier_rows(config, "bfloat16", rows)
     for layout in layouts_16bit(world.Get_size(), config.is_moe):
-        check_layout(config, layout)
+        try:
+            check_layout(config, layout)
+        except LayoutError:
+            continue  # the same on every rank
         comms = make_comms(layout, world)
         model = ParallelModel(comms, source, dtype="bfloat16")
         assert all(b.attn.q.dtype.name == "bfloat16" for b in model.blocks)
@@ -139,8 +213,8 @@ def test_parallel_bfloat16(world, fixtures_dir, name):
                     if got != want:
                         problems.append((layout, r["rank"], kind, got, want))
             for ref, what in ((f32, "float32"), (low, "bfloat16")):
-                verdict = compare(gen, ref, tol)
-                if verdict != "pass":
+                verdict = compare(gen, ref, tol, outliers)
+                if not verdict.startswith("pass"):
                     problems.append((layout, what, verdict))
             if layout.tp == 1 and layout.ep == 1:  # no arithmetic is split: bit-exact
                 if not (np.array_equal(gen.tokens, low.tokens)

@@ -115,7 +115,7 @@ def test_reference_bfloat16_on_gpu_matches_cpu(fixtures_dir, name):
     (runner.logit_tolerance), tokens equal except at ties within it."""
     from mpipar.model.checkpoint import CheckpointReader
     from mpipar.model.reference import ReferenceModel, generate
-    from mpipar.runner import compare, logit_tolerance
+    from mpipar.runner import allowed_outlier_rows, compare, logit_tolerance
     folder = os.path.join(fixtures_dir, name)
     ref = json.load(open(os.path.join(folder, "ref.json")))
     src = CheckpointReader(folder)
@@ -127,5 +127,6 @@ def test_reference_bfloat16_on_gpu_matches_cpu(fixtures_dir, name):
     low = generate(ReferenceModel(src, xp=cupy, dtype="bfloat16"), prompts, 8)
     tol = logit_tolerance("bfloat16", src.config.num_layers,
                           float(np.nanmax(np.abs(f32.prompt_logits))))
-    assert compare(low, cpu, tol) == "pass"
-    assert compare(low, f32, tol) == "pass"
+    outliers = allowed_outlier_rows(src.config, "bfloat16", 40)
+    assert compare(low, cpu, tol, outliers).startswith("pass")
+    assert compare(low, f32, tol, outliers).startswith("pass")
