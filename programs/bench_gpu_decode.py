@@ -12,14 +12,14 @@ rank % GPUs): tp=R, and ep=R for the MoE model.
 
 What is measured: a worker job per (preset, R) loads the model once, then for each batch
 B runs one warm-up generate() (CuPy compiles its kernels) and one timed generate() of
-``new_tokens`` from prompts of 16 tokens; ms per output token = decode time after the
+``new_tokens`` (default 10) from prompts of 16 tokens; ms per output token = decode time after the
 first token / (new_tokens - 1), on world rank 0 (every rank keeps the same pace).
 
 Roofline: a memory-bound decode step reads every weight it uses once, so it takes at
 least  bytes_step / B_copy,  with B_copy the device copy bandwidth measured first (a
 1 GiB device-to-device copy: bytes read + written / time, the best HBM streams reach)
 and bytes_step the weights of the layers and the lm_head on all ranks (the embedding
-reads only B rows; the KV cache is not counted: at 16 + 12 positions it is small). An
+reads only B rows; the KV cache is not counted: at 16 + 10 positions it is small). An
 MoE layer reads only the experts that got tokens: under uniform routing
 E (1 - (1 - k/E)^B) of its E experts (8 of 128 at B = 1, 126 at B = 64). fraction =
 (bytes_step / B_copy) / measured time per token. Weights are a tiled random block
@@ -227,7 +227,7 @@ def main() -> int:
                                       "a GPU, tiny-dense,tiny-moe on the CPU)")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--ranks", default="1,4", help="ranks sharing the GPU")
-    ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--new-tokens", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per worker job")
     ap.add_argument("--json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

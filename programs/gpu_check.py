@@ -68,7 +68,7 @@ def step(rows, name, fn):
 
 def pytest_step(n, env, device):
     proc = run_mpi(n, ["-m", "pytest", "-q", "-rs", os.path.join(ROOT, "tests", "test_gpu.py")],
-                   timeout=240, env=env, cwd=ROOT)
+                   timeout=300, env=env, cwd=ROOT)
     tail = [line for line in proc.stdout.splitlines() if " passed" in line or "skipped" in line]
     ran = any(" passed" in line for line in tail)  # on a GPU, all-skipped is a failure
     ok = proc.returncode == 0 and (ran or device == "cpu")
