@@ -12,8 +12,8 @@ rank % GPUs): tp=R, and ep=R for the MoE model.
 
 What is measured: a worker job per (preset, R) loads the model once, then for each batch
 B runs one warm-up generate() (CuPy compiles its kernels) and one timed generate() of
-``new_tokens`` (default 10) from prompts of 16 tokens; ms per output token = decode time after the
-first token / (new_tokens - 1), on world rank 0 (every rank keeps the same pace).
+``new_tokens`` (default 10) from prompts of 16 tokens; ms per output token = decode
+time after the first token / (new_tokens - 1), on world rank 0 (all ranks keep pace).
 
 Roofline: a memory-bound decode step reads every weight it uses once, so it takes at
 least  bytes_step / B_copy,  with B_copy the device copy bandwidth measured first (a
