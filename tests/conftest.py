@@ -25,7 +25,8 @@ differ (the world size, markers, the installed packages), or decide once and sha
 pytest-mpi's marker, ``@pytest.mark.mpi(min_size=2)`` (``--with-mpi`` is in addopts).
 ``@pytest.mark.launcher`` tests (they start mpirun or sbatch themselves) and
 ``@pytest.mark.rank0`` tests (pure, costly) run on world rank 0 only; the other ranks
-wait, sleeping. Ranks other than 0 print only their own failures.
+wait, sleeping. Ranks other than 0 print their own failures in full and, for a
+failure on another rank, one line that points to rank 0's report.
 
 The harness's own test (tests/test_harness.py) runs the scenarios in
 tests/harness_scenarios/ under mpirun and checks that each ends in seconds.
@@ -116,8 +117,10 @@ def _rank0_only(item) -> bool:
 
 
 def _fail(rep, message: str) -> None:
-    rep.outcome, rep.longrepr = "failed", message
-    rep._mpipar_derived = True                # printed by rank 0 and the failing rank only
+    """Fail ``rep`` for what happened on another rank: rank 0 prints the whole message,
+    the other ranks a pointer to it (the failing rank prints its own traceback)."""
+    rep.outcome = "failed"
+    rep.longrepr = message if RANK == 0 else message.split(":")[0] + " (see rank 0)"
 
 
 def _agree(item, rep, phase: str) -> None:
@@ -150,12 +153,12 @@ def _agree(item, rep, phase: str) -> None:
         _fail(rep, f"ranks disagree: {phase} skipped on ranks {by['skipped']} "
                    f"({words[r]['msg']}) but passed on ranks {by['passed']}; run/skip "
                    "decisions must be the same on every rank")
-        rep._mpipar_derived = RANK != r       # the first skipping rank prints it too
     if phase == "setup" and _rank0_only(item) and not rep.passed:
         # Rank 0 will not run the call: release the ranks waiting for it.
         _gather_words({"id": word["id"], "outcome": "rank0", "msg": ""}, LONG_WAIT_S)
 
 
+@pytest.hookimpl(trylast=True)      # after pytest-mpi has registered its plugin
 def pytest_configure(config):
     config.addinivalue_line("markers", "launcher: starts mpirun/sbatch; runs on rank 0 only")
     config.addinivalue_line("markers", "rank0: pure test run on world rank 0 only")
@@ -197,18 +200,6 @@ def pytest_runtest_makereport(item, call):
         _agree(item, rep, "setup")
     elif not (_rank0_only(item) and RANK != 0):
         _agree(item, rep, "call")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session):
-    """Ranks other than 0 do not repeat the failures that other ranks report."""
-    if SIZE == 1 or RANK == 0:
-        return
-    reporter = session.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        for key in ("failed", "error"):
-            reporter.stats[key] = [r for r in reporter.stats.get(key, [])
-                                   if not getattr(r, "_mpipar_derived", False)]
 
 
 @pytest.fixture

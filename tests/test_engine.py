@@ -113,6 +113,22 @@ def test_random_model_matches_reference_with_sampling(world):
         assert np.abs(gen.decode_logits - ref.decode_logits).max() < TOL
 
 
+def test_long_prompt_in_chunks_matches_reference(world, fixtures_dir):
+    """A 260-token prompt (three 128-query blocks in the reference's single pass) cut into
+    3 prefill chunks whose boundaries (87, 174) fall inside those blocks."""
+    source = CheckpointReader(os.path.join(fixtures_dir, "qwen3-tiny"))
+    prompt = [int(x) for x in np.random.default_rng(9).integers(0, 256, 260)]
+    ref = generate(ReferenceModel(source), [prompt], 4) if world.Get_rank() == 0 else None
+    n = world.Get_size()
+    lay = Layout(tp=2, pp=n // 2) if n % 2 == 0 else Layout(pp=min(n, 4), dp=n // min(n, 4))
+    model = ParallelModel(make_comms(lay, world), source)
+    gen = model.generate([prompt], 4, prefill_chunks=3, keep_logits=True)
+    if world.Get_rank() == 0:
+        assert np.array_equal(gen.tokens, ref.tokens)
+        assert np.abs(gen.prompt_logits - ref.prompt_logits).max() < TOL
+        assert np.abs(gen.decode_logits - ref.decode_logits).max() < TOL
+
+
 def test_kv_heads_replicated_when_tp_exceeds_them():
     """tp > kv heads: each kv head lives on tp/kv ranks (qwen3-tiny has 2 kv heads)."""
     from mpipar.model.config import ModelConfig

@@ -221,6 +221,37 @@ def test_attention_chunks_equal_whole_prefill():
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("t,s,block", [
+    (300, 300, 128),   # a prompt of three query blocks: 128, 128, 44
+    (200, 330, 128),   # a chunk after 130 cached positions: its blocks end mid-sequence
+    (23, 29, 5),       # many small uneven blocks, offset by 6
+])
+def test_attention_query_blocks(t, s, block):
+    """The query-block loop past its first block, against the loop over positions."""
+    r = rng(40 + t)
+    q = f32(r.normal(size=(t, 2, 4)) * 2)
+    k = f32(r.normal(size=(s, 1, 4)) * 2)
+    v = f32(r.normal(size=(s, 1, 4)))
+    got = L.causal_gqa_attention(xp, q, k, v, block=block)
+    np.testing.assert_allclose(got, ref_attention(q, k, v), rtol=1e-4, atol=2e-6)
+
+
+def test_attention_chunk_boundaries_inside_blocks():
+    """A 300-token prefill in chunks of 100, 150, 50 (boundaries inside the whole pass's
+    128-query blocks) equals the whole pass and the loop over positions."""
+    r = rng(8)
+    s, hq, hkv, d = 300, 2, 1, 4
+    q, k, v = (f32(r.normal(size=(s, h, d)) * 2) for h in (hq, hkv, hkv))
+    whole = L.causal_gqa_attention(xp, q, k, v)
+    cache = L.KVCache(xp, s, hkv, d)
+    parts = []
+    for a, b in ((0, 100), (100, 250), (250, 300)):
+        kk, vv = cache.append(k[a:b], v[a:b])
+        parts.append(L.causal_gqa_attention(xp, q[a:b], kk, vv))
+    np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole, ref_attention(q, k, v), rtol=1e-4, atol=2e-6)
+
+
 def test_swiglu():
     r = rng(7)
     n, h, i = 5, 13, 21
