@@ -141,6 +141,12 @@ BAD = [
                  id="json-dir"),
     pytest.param(["--tp", "4", "--model", "{badtok}", "--prompt", "w1 w2"], "tokenizer",
                  id="bad-tokenizer"),
+    pytest.param(["--tp", "2", "--dp", "2", "--max-new-tokens", "100000"],
+                 "16 tokens + --max-new-tokens 100000 = 100016 > the model's "
+                 "max_position_embeddings (512)", id="too-long"),
+    pytest.param(["--pp", "4", "--prompt-ids", "1,2,3,4,5", "--max-model-len", "9",
+                  "--max-new-tokens", "5"],
+                 "5 tokens + --max-new-tokens 5 = 10 > --max-model-len (9)", id="max-model-len"),
 ]
 
 
@@ -161,3 +167,21 @@ def test_bad_input_one_error_line(fixtures_dir, tmp_path, args, word):
     assert word in errors[0], errors[0]
     assert "Traceback" not in out.text
     assert out.wall_s < 30, f"took {out.wall_s:.1f} s"
+
+
+def test_non_finite_weights_name_the_first_bad_layer(fixtures_dir, tmp_path):
+    """A NaN in layer 2's down_proj (and an inf in layer 3): one error naming layer 2,
+    exit 2, from a 4-rank pipeline where layer 2 is on the second stage."""
+    from safetensors.numpy import load_file, save_file
+    src = os.path.join(fixtures_dir, "qwen3-tiny")
+    shutil.copy(os.path.join(src, "config.json"), tmp_path)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors["model.layers.2.mlp.down_proj.weight"][3, 5] = np.nan
+    tensors["model.layers.3.self_attn.o_proj.weight"][0, 0] = np.inf
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    out = program(4, ["--model", str(tmp_path), "--tp", "2", "--pp", "2",
+                      "--max-new-tokens", "3"], timeout=60)
+    assert out.returncode == 2, out.text
+    errors = error_lines(out.text)
+    assert len(errors) == 1 and "layer 2 is not finite" in errors[0], out.text
+    assert "Traceback" not in out.text
