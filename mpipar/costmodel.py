@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .layout import Layout
-from .parallel.shard import check_layout, stage_layers  # noqa: F401  (stage_layers: API)
+from .parallel.shard import check_layout, split, stage_layers
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "f32": 4, "float16": 2, "fp16": 2, "f16": 2,
                "bfloat16": 2, "bf16": 2}
@@ -136,7 +136,8 @@ def kv_duplication_factor(config, tp: int) -> int:
 
 
 def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
+    """Items of the fullest of b parts (part 0 of ``split``, the one chunking rule)."""
+    return len(split(a, b, 0))
 
 
 def rank_params(config, layout, stage: int) -> dict:
