@@ -11,27 +11,27 @@ Each rank sends (and receives) one chunk per step, 2(n-1) chunks of S/n bytes:
   bytes sent per rank = 2 (n-1)/n * S   (``ring_bytes`` gives the exact figure with the
   chunk rounding: chunks of an uneven split differ by one element).
 Time ~ 2(n-1) (alpha + S/(n B)): bandwidth-optimal, but 2(n-1) latencies alpha.
-``textbook_allreduce`` is exactly these two loops, one blocking Sendrecv a step, as a
-reader writes it from the seed; ``algorithm="ring"`` is the same ring made fast (below),
-with the same chunks and the same order of additions, so the two agree bitwise.
+``algorithm="textbook"`` (``_textbook``) is exactly these two loops, one blocking
+Sendrecv a step, as a reader writes it from the seed; ``algorithm="ring"`` is the same
+ring made fast (below), with the same chunks and the same order of additions, so the two
+agree bitwise.
 
 Small messages take recursive doubling instead (``algorithm="recursive_doubling"``;
-``auto`` picks it up to ``RECURSIVE_DOUBLING_MAX_BYTES``): log2(p) exchanges of the whole
-array with partner
-rank ^ 2^k, p the largest power of two <= n. For n not a power of two the first
-2(n-p) ranks pair up first (the even rank sends its array to the odd one, which adds)
-and the odd ones send the result back at the end. Bytes
-(``recursive_doubling_bytes``): a rank in
-the power-of-two set sends and receives log2(p) S, an odd pair member one S more each
-way, a rank that sits out sends S and receives S. Time ~ (log2 p (+2)) (alpha + S/B).
-Crossover: at n=2 both send S per rank and recursive doubling has one latency instead
-of two; at n=4 it costs 2S against 1.5S and saves 4 latencies, so it wins while
-S < 8 alpha B. On the 2-core test box alpha is about 5 us with a core per rank and
-30-60 us with 4 ranks on 2 cores (0.1-0.3 ms where waiting ranks yield their core, past
-2 ranks per core: mpipar/__init__.py), and B 2-5 GB/s: measured, recursive doubling is
-faster up to 0.25-1 MiB at 4 ranks, hence 256 KiB. Each exchange is one Sendrecv: at
-this size the cost is the number of MPI calls. A decode step's all-reduce (one token's
-activation, a few KiB) always takes this path: log2(T) S per rank, not 2(T-1)/T S.
+``auto`` picks it up to ``RECURSIVE_DOUBLING_MAX_BYTES``): log2(p) exchanges of the
+whole array with partner rank ^ 2^k, p the largest power of two <= n. For n not a power
+of two the first 2(n-p) ranks pair up first (the even rank sends its array to the odd
+one, which adds) and the odd ones send the result back at the end. Bytes
+(``recursive_doubling_bytes``): a rank in the power-of-two set sends and receives
+log2(p) S, an odd pair member one S more each way, a rank that sits out sends S and
+receives S. Time ~ (log2 p (+2)) (alpha + S/B). Crossover: at n=2 both send S per rank
+and recursive doubling has one latency instead of two; at n=4 it costs 2S against 1.5S
+and saves 4 latencies, so it wins while S < 8 alpha B. On the 2-core test box alpha is
+about 5 us with a core per rank and 30-60 us with 4 ranks on 2 cores (0.1-0.3 ms where
+waiting ranks yield their core, past 2 ranks per core: mpipar/__init__.py), and B 2-5
+GB/s: measured, recursive doubling is faster up to 0.25-1 MiB at 4 ranks, hence 256 KiB.
+Each exchange is one Sendrecv: at this size the cost is the number of MPI calls. A
+decode step's all-reduce (one token a sequence, a few KiB) takes this path: log2(T) S
+per rank, not 2(T-1)/T S.
 
 Every rank of the group ends with the bitwise same result: in the ring each chunk is
 summed on one rank and then copied; in recursive doubling both partners add the same
@@ -49,7 +49,7 @@ reduce-scatter.
 Speed (host arrays; measured against MPICH's Allreduce, see programs/bench_allreduce):
 no copy of the input is made and no per-step buffers: all receives of a pass are
 posted up front straight into the output (a reduce-scatter chunk lands in ``out``, gets
-the local contribution added in place with ``xp.add(out, x, out=out)`` and moves on),
+the local contribution added in place (``_add``) and moves on),
 the step-0 send goes out before any wait, each piece is forwarded as soon as it
 lands, and the all-gather starts with the first finished piece of the reduce-scatter.
 Chunks longer than ``SEGMENT_BYTES`` go in pieces, so the next rank starts on
@@ -69,7 +69,7 @@ from .wire import acc_dtype, buf_spec, recv_done
 
 RECURSIVE_DOUBLING_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this size
 SEGMENT_BYTES = 8 << 20        # ring pipeline piece (longer chunks go in pieces)
-TAG = 0x5A11                   # ring: TAG; small path: TAG+1..TAG+3 (p2p default: 0)
+TAG = 0x5A11                   # rings: TAG; recursive doubling: TAG+1..TAG+3 (p2p: 0)
 
 
 def _bounds_from_counts(counts) -> list[tuple[int, int]]:
