@@ -209,8 +209,9 @@ def run(argv, world=None) -> int:
                          keep_logits, args.decode_microbatches)
     bad = [x for x in world.allgather(model.watch.first_bad_layer()) if x is not None]
     if bad:
-        say(f"error: the output of layer {min(bad)} is not finite (NaN or inf): the "
-            "checkpoint's weights of that layer (or its input) hold NaN or inf values",
+        from .model.finite import describe_layer
+        say(f"error: the output of {describe_layer(min(bad), config.num_layers)} is not "
+            "finite (NaN or inf): the checkpoint's weights there hold NaN or inf values",
             file=sys.stderr)
         return 2
     per_rank = model.report()

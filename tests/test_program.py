@@ -169,19 +169,25 @@ def test_bad_input_one_error_line(fixtures_dir, tmp_path, args, word):
     assert out.wall_s < 30, f"took {out.wall_s:.1f} s"
 
 
-def test_non_finite_weights_name_the_first_bad_layer(fixtures_dir, tmp_path):
-    """A NaN in layer 2's down_proj (and an inf in layer 3): one error naming layer 2,
-    exit 2, from a 4-rank pipeline where layer 2 is on the second stage."""
+@pytest.mark.parametrize("poison, named", [
+    # NaN in layer 2 (second pipeline stage) and inf in layer 3: the first one is named
+    ({"model.layers.2.mlp.down_proj.weight": np.nan,
+      "model.layers.3.self_attn.o_proj.weight": np.inf}, "layer 2 is not finite"),
+    ({"lm_head.weight": np.inf}, "the logits (model.norm or lm_head) is not finite"),
+], ids=["layers", "lm_head"])
+def test_non_finite_weights_name_the_first_bad_layer(fixtures_dir, tmp_path, poison, named):
+    """NaN/inf weights: one error naming where the output first stops being finite, exit 2,
+    from a 4-rank tp=2 pp=2 run, instead of a stream of token 0."""
     from safetensors.numpy import load_file, save_file
     src = os.path.join(fixtures_dir, "qwen3-tiny")
     shutil.copy(os.path.join(src, "config.json"), tmp_path)
     tensors = load_file(os.path.join(src, "model.safetensors"))
-    tensors["model.layers.2.mlp.down_proj.weight"][3, 5] = np.nan
-    tensors["model.layers.3.self_attn.o_proj.weight"][0, 0] = np.inf
+    for name, value in poison.items():
+        tensors[name][3, 5] = value
     save_file(tensors, str(tmp_path / "model.safetensors"))
     out = program(4, ["--model", str(tmp_path), "--tp", "2", "--pp", "2",
                       "--max-new-tokens", "3"], timeout=60)
     assert out.returncode == 2, out.text
     errors = error_lines(out.text)
-    assert len(errors) == 1 and "layer 2 is not finite" in errors[0], out.text
+    assert len(errors) == 1 and named in errors[0], out.text
     assert "Traceback" not in out.text

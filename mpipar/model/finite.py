@@ -7,7 +7,7 @@ kept on the device, so no host sync per layer); after generate() the runner agre
 the smallest bad layer over the world (``first_bad_layer``, one host read per layer
 watched) and stops the run with one message naming it. Layers are numbered as in the
 checkpoint (``model.layers.<i>``), so the smallest index is the first along the
-pipeline.
+pipeline; the logits (final norm and lm_head) count as layer L, after the last one.
 """
 
 from __future__ import annotations
@@ -26,3 +26,7 @@ class FiniteWatch:
     def first_bad_layer(self) -> int | None:
         bad = [layer for layer, ok in sorted(self.flags.items()) if not bool(ok)]
         return bad[0] if bad else None
+
+
+def describe_layer(layer: int, num_layers: int) -> str:
+    return f"layer {layer}" if layer < num_layers else "the logits (model.norm or lm_head)"

@@ -66,6 +66,7 @@ class ParallelModel:
     def pick(self, x_rows, sampler, keep_logits, seq_ids, step):
         """Last stage: x rows [B, h] -> (tokens [B], full logits [B, V] or None)."""
         local = self.head.local_logits(x_rows)
+        self.watch.check(local, self.config.num_layers)  # "layer L": the logits
         full = self.head.full_logits(local) if keep_logits or not sampler.greedy else None
         if sampler.greedy:
             return self.head.argmax(local), full
