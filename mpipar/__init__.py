@@ -8,18 +8,16 @@ Modules, one concept each:
   parallel/     shard plan, TP, EP, PP, the generate() engine
   costmodel     the seed's communication formulas
   plan          deployment planner (python -m mpipar.plan)
+
+Importing mpipar changes nothing in the process. Programs call ``mpipar.pin_threads()``
+before numpy and mpi4py load (one BLAS thread per rank, MPICH's waits); a library user
+who wants its own settings does not call it.
 """
 
 import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
-
-# Set before numpy/mpi4py load (import mpipar first). Each rank runs one BLAS thread: the
-# ranks are the parallelism. MPICH's waiting ranks spin by default; with heavy yield they
-# give up their core instead. Measured on 2 cores: spinning is right up to 2 ranks per
-# core (a 2-rank all-reduce: 7 us spinning, 180 us yielding; 4 ranks: 120 vs 520 us, and
-# 4 MiB 1.3x faster); beyond that idle ranks must yield (8 ranks, one working: 8.3 s
-# spinning, 0.9 s yielding).
 
 
 def _ranks_on_this_node() -> int:
@@ -37,8 +35,22 @@ def _cores() -> int:
         return _os.cpu_count() or 1
 
 
-for _k, _v in (("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"),
-               ("MKL_NUM_THREADS", "1")):
-    _os.environ.setdefault(_k, _v)
-if _ranks_on_this_node() > 2 * _cores():
-    _os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+def pin_threads() -> None:
+    """One BLAS thread per rank (the ranks are the parallelism), and MPICH's waiting ranks
+    yield their core when there are more than 2 ranks per core.
+
+    Sets environment defaults (a value already set wins), so it must run before numpy
+    and mpi4py load: ``import mpipar; mpipar.pin_threads()`` first in a program. Measured
+    on 2 cores: spinning waits are right up to 2 ranks per core (a 2-rank all-reduce:
+    7 us spinning, 180 us yielding; 4 ranks: 120 vs 520 us, and 4 MiB 1.3x faster);
+    beyond that idle ranks must yield (8 ranks, one working: 8.3 s spinning, 0.9 s
+    yielding).
+    """
+    if "numpy" in _sys.modules or "mpi4py.MPI" in _sys.modules:
+        import warnings
+        warnings.warn("mpipar.pin_threads() called after numpy or mpi4py.MPI loaded: "
+                      "their thread and wait settings are fixed already", stacklevel=2)
+    for key in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        _os.environ.setdefault(key, "1")
+    if _ranks_on_this_node() > 2 * _cores():
+        _os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")

@@ -46,6 +46,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .layout import Layout
+from .parallel.shard import check_layout, split, stage_layers
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "f32": 4, "float16": 2, "fp16": 2, "f16": 2,
                "bfloat16": 2, "bf16": 2}
 
@@ -120,20 +123,11 @@ def param_counts(config) -> ParamCounts:
                        experts, total, total - inactive)
 
 
-# ---- layout: stages, shards --------------------------------------------------------------
-def stage_layers(num_layers: int, pp: int) -> list[range]:
-    """Contiguous layer ranges of the pp stages; the first num_layers % pp get one more
-    (the engine's own partition, ``parallel.shard.stage_layers``)."""
-    from .parallel.shard import stage_layers as engine_stage_layers
-    return engine_stage_layers(num_layers, pp)
-
-
+# ---- layout: stages (``stage_layers``, the engine's own), shards -------------------------
 def kv_heads_per_rank(config, tp: int) -> int:
     """kv heads a TP rank holds: KV/tp, or 1 (replicated) when tp > KV."""
-    kv = config.num_kv_heads
-    if kv % tp and tp % kv:
-        raise ValueError(f"tp = {tp} and {kv} kv heads: neither divides the other")
-    return max(kv // tp, 1)
+    check_layout(config, Layout(tp=tp))
+    return max(config.num_kv_heads // tp, 1)
 
 
 def kv_duplication_factor(config, tp: int) -> int:
@@ -142,15 +136,15 @@ def kv_duplication_factor(config, tp: int) -> int:
 
 
 def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
+    """Items of the fullest of b parts (part 0 of ``split``, the one chunking rule)."""
+    return len(split(a, b, 0))
 
 
 def rank_params(config, layout, stage: int) -> dict:
     """Parameters held by the fullest rank of ``stage``, by component (module docstring)."""
     c, t = config, layout.tp
     h, d = c.hidden_size, c.head_dim
-    if c.num_heads % t:
-        raise ValueError(f"tp = {t} does not divide {c.num_heads} query heads")
+    check_layout(c, layout)
     layers = stage_layers(c.num_layers, layout.pp)[stage]
     last = stage == layout.pp - 1
     hq, hkv = c.num_heads // t, kv_heads_per_rank(c, t)
@@ -261,9 +255,9 @@ def exact_allreduce_sent(n_elems: int, itemsize: int, n: int, rank: int,
     """Bytes ``rank`` sends/receives in mpipar's all-reduce of n_elems, exactly.
 
     "ring" (default, the seed's algorithm): chunk rounding included, equal to
-    ``allreduce_bytes_seed`` when n divides n_elems. "auto" / "small": what
+    ``allreduce_bytes_seed`` when n divides n_elems. "auto" / "recursive_doubling": what
     ``ring_allreduce(algorithm=...)`` really does -- messages up to
-    ``mpipar.comm.ring.SMALL_MAX_BYTES`` (one decode token's activation, e.g. 8 KB at
+    ``mpipar.comm.ring.RECURSIVE_DOUBLING_MAX_BYTES`` (one decode token's activation, e.g. 8 KB at
     h=4096 bf16) go by recursive doubling, log2(n)*S per rank for n a power of two,
     not 2(n-1)/n*S. Delegates to mpipar.comm.ring.
     """
@@ -272,25 +266,37 @@ def exact_allreduce_sent(n_elems: int, itemsize: int, n: int, rank: int,
     return Traffic(sent, recv)
 
 
-def comm_per_token(config, layout, dtype_bytes, stage: int) -> dict:
-    """Seed traffic per token of this rank's attention (DP) replica, one rank of ``stage``.
+def seed_bytes_by_kind(config, layout, dtype_bytes, stage: int) -> dict:
+    """The seed's bytes SENT per token of this rank's attention (DP) replica, one rank of
+    ``stage``, by ledger kind (received: the same, but pp: see ``pp_bytes_per_token``).
 
-    tp: 2 all-reduces per layer; on an MoE layer with ep > 1 the experts' output is not
-    all-reduced: each TP rank dispatches a disjoint 1/tp share of the (replicated) tokens
-    and the shares are all-gathered back ((tp-1)/tp*h*b sent). pp: ``pp_bytes_per_token``.
-    ep: per MoE layer dispatch + combine, 2*top_k*h*b/tp each way (= top_k*h*b/l per
-    token of the EP group, which holds l/tp replicas' worth of tokens).
+    tp_allreduce: 2 all-reduces per layer; on an MoE layer with ep > 1 the experts' output
+    is not all-reduced: each TP rank dispatches a disjoint 1/tp share of the (replicated)
+    tokens and the shares are all-gathered back (tp_allgather, (tp-1)/tp*h*b sent).
+    pp_send: ``pp_bytes_per_token``. ep_alltoall: per MoE layer dispatch + combine,
+    2*top_k*h*b/tp each way (= top_k*h*b/l per token of the EP group, which holds l/tp
+    replicas' worth of tokens).
     """
     c, t = config, layout.tp
     a = c.hidden_size * dtype_size(dtype_bytes)
     layers = stage_layers(c.num_layers, layout.pp)[stage]
     n_moe = sum(1 for i in layers if c.is_moe_layer(i)) if layout.ep > 1 else 0
-    n_ar = 2 * len(layers) - n_moe
-    tp = Traffic(1, 1).scale(n_ar * allreduce_bytes_seed(a, t) + n_moe * allgather_bytes_seed(a, t))
-    ep = Traffic(0, 0)
+    out = {"tp_allreduce": (2 * len(layers) - n_moe) * allreduce_bytes_seed(a, t),
+           "tp_allgather": n_moe * allgather_bytes_seed(a, t),
+           "pp_send": pp_bytes_per_token(c.hidden_size, layout.pp, dtype_bytes, stage).sent,
+           "ep_alltoall": 0.0}
     if n_moe:
         per = ep_bytes_per_token_seed(c.num_experts_per_tok, c.hidden_size, layout.ep,
-                                      dtype_bytes).scale(layout.ep / t)
-        ep = per.scale(2 * n_moe)
-    return {"tp": tp, "pp": pp_bytes_per_token(c.hidden_size, layout.pp, dtype_bytes, stage),
-            "ep": ep}
+                                      dtype_bytes).sent
+        out["ep_alltoall"] = 2 * n_moe * per * layout.ep / t
+    return out
+
+
+def comm_per_token(config, layout, dtype_bytes, stage: int) -> dict:
+    """Seed traffic per token, one rank of ``stage``: {"tp", "pp", "ep": Traffic}
+    (``seed_bytes_by_kind``, tp all-reduce and all-gather together)."""
+    k = seed_bytes_by_kind(config, layout, dtype_bytes, stage)
+    tp = k["tp_allreduce"] + k["tp_allgather"]
+    return {"tp": Traffic(tp, tp),
+            "pp": pp_bytes_per_token(config.hidden_size, layout.pp, dtype_bytes, stage),
+            "ep": Traffic(k["ep_alltoall"], k["ep_alltoall"])}

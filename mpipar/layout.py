@@ -124,16 +124,16 @@ class Comms:
     coords: Coords
     world: object  # Group
     tp: object
-    dp: object
     pp: object
     ep: object
-    stage: object  # all tp*dp ranks of this pipeline stage
     ledger: object
     xp: object
 
 
 def make_comms(layout: Layout, comm=None, ledger=None, xp=None, transport=None) -> Comms:
-    """Split ``comm`` (default COMM_WORLD) into the layout's communicators (collective)."""
+    """Split ``comm`` (default COMM_WORLD) into the communicators the engine talks on:
+    tp, pp, ep (collective). The dp and stage groups exist as maps (``groups``) only:
+    nothing sends on them."""
     import numpy
     from mpi4py import MPI
 
@@ -146,7 +146,7 @@ def make_comms(layout: Layout, comm=None, ledger=None, xp=None, transport=None) 
     xp = numpy if xp is None else xp
     keys = layout.split_keys(comm.Get_rank())
     groups = {}
-    for kind in ("tp", "dp", "pp", "ep", "stage"):
+    for kind in ("tp", "pp", "ep"):
         color, key = keys[kind]
         groups[kind] = Group(comm.Split(color, key), kind, ledger, xp, transport)
     world = Group(comm, "world", ledger, xp, transport)

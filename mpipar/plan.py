@@ -5,13 +5,13 @@
 
 ``--model``: a preset name (mpipar.model.config.PRESETS) or a config.json / model folder.
 
-Valid layouts: tp*pp*dp = G; tp divides the query heads; kv heads and tp, one divides the
-other (tp > kv heads replicates kv heads); pp <= layers; ep divides tp*dp and the expert
-count (ep = 1 for dense models). For each, per GPU (the fullest stage; mpipar.costmodel):
-weight GB, free GB = gpu_mem - weights - reserve, KV-cache bytes per token, the tokens of
-KV cache that fit (per DP replica: min over stages of free / kv-per-token), and the seed's
-communication bytes per token (sent + received, per token of the GPU's own DP replica,
-busiest stage) for tp all-reduce, pp send/recv and ep all-to-all.
+Valid layouts: tp*pp*dp = G and those ``parallel.shard.check_layout`` accepts (tp divides
+the query heads; kv heads and tp, one divides the other; pp <= layers; ep divides tp*dp
+and the expert count, ep = 1 for dense models). For each, per GPU (the fullest stage;
+mpipar.costmodel): weight GB, free GB = gpu_mem - weights - reserve, KV-cache bytes per
+token, the tokens of KV cache that fit (per DP replica: min over stages of free / kv-per-
+token), and the seed's communication bytes per token (sent + received, per token of the
+GPU's own DP replica, busiest stage) for tp all-reduce, pp send/recv and ep all-to-all.
 
 Ranking (lexicographic, printed with the table):
   1. fits (free > 0 on every stage);
@@ -34,7 +34,8 @@ import os
 import sys
 
 from . import costmodel as cm
-from .layout import Layout
+from .layout import Layout, LayoutError
+from .parallel.shard import check_layout
 
 GB = 1e9
 RULE = ("fits > TP inside a node > no kv-head duplication > larger tp > fewer comm bytes "
@@ -52,17 +53,16 @@ def _crosses(group: int, gpus: int, per_node: int) -> bool:
 
 def layouts(config, gpus: int):
     """Every valid Layout for ``config`` on ``gpus`` ranks."""
-    c = config
     for tp in _divisors(gpus):
-        if c.num_heads % tp or (c.num_kv_heads % tp and tp % c.num_kv_heads):
-            continue
         for pp in _divisors(gpus // tp):
-            if pp > c.num_layers:
-                continue
             dp = gpus // (tp * pp)
-            eps = [e for e in _divisors(tp * dp) if c.num_experts % e == 0] if c.is_moe else [1]
-            for ep in eps:
-                yield Layout(tp=tp, pp=pp, dp=dp, ep=ep)
+            for ep in _divisors(tp * dp) if config.is_moe else [1]:
+                layout = Layout(tp=tp, pp=pp, dp=dp, ep=ep)
+                try:
+                    check_layout(config, layout)      # the engine's own rules
+                except LayoutError:
+                    continue
+                yield layout
 
 
 def evaluate(config, layout, gpu_mem_gb: float, gpus_per_node: int, dtype="bf16",

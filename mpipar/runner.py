@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=[],
                    help="text (needs tokenizer.json in --model); repeat for a batch")
     g.add_argument("--max-new-tokens", type=int, default=8)
+    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="longest sequence (prompt + new tokens) to accept (default and at "
+                        "most: the model's max_position_embeddings)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     par = p.add_argument_group("parallel layout")
@@ -79,8 +82,8 @@ def parse_args(argv):
     args = build_parser().parse_args(argv)
     if args.decode_microbatches is not None and args.decode_microbatches < 1:
         raise UsageError("--decode-microbatches must be at least 1")
-    for name in ("tp", "pp", "dp", "ep", "prefill_chunks", "max_new_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("tp", "pp", "dp", "ep", "prefill_chunks", "max_new_tokens", "max_model_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(args, name)}")
     if args.model and args.preset:
@@ -120,6 +123,20 @@ def parse_prompts(args, vocab):
     return prompts, tok
 
 
+def check_lengths(prompts, max_new_tokens: int, max_model_len, config) -> None:
+    """Refuse, before any work, a sequence longer than the model's positions allow."""
+    limit, what = config.max_position_embeddings, "the model's max_position_embeddings"
+    if max_model_len is not None:
+        if max_model_len > limit:
+            raise UsageError(f"--max-model-len {max_model_len} exceeds {what} ({limit})")
+        limit, what = max_model_len, "--max-model-len"
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    total = len(prompts[longest]) + max_new_tokens
+    if total > limit:
+        raise UsageError(f"prompt {longest}: {len(prompts[longest])} tokens + --max-new-tokens "
+                         f"{max_new_tokens} = {total} > {what} ({limit})")
+
+
 def run(argv, world=None) -> int:
     """The program; returns the exit code (0 ok, 1 check failed, 2 bad input)."""
     from mpi4py import MPI
@@ -146,6 +163,7 @@ def run(argv, world=None) -> int:
         config = source.config
         check_layout(config, layout)
         prompts, tokenizer = parse_prompts(args, config.vocab_size)
+        check_lengths(prompts, args.max_new_tokens, args.max_model_len, config)
         from .backend import select_device
         device = select_device(args.device)
     except (UsageError, LayoutError, ConfigError, CheckpointError, ValueError, OSError) as e:
@@ -198,6 +216,13 @@ def run(argv, world=None) -> int:
         raise RuntimeError(f"MPIPAR_FAIL_RANK={rank}: injected failure before generate")
     gen = model.generate(prompts, args.max_new_tokens, sampler, args.prefill_chunks,
                          keep_logits, args.decode_microbatches)
+    bad = [x for x in world.allgather(model.watch.first_bad_layer()) if x is not None]
+    if bad:
+        from .model.finite import describe_layer
+        say(f"error: the output of {describe_layer(min(bad), config.num_layers)} is not "
+            "finite (NaN or inf): the checkpoint's weights there hold NaN or inf values",
+            file=sys.stderr)
+        return 2
     per_rank = model.report()
     if args.trace:
         from .trace import write_trace

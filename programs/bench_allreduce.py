@@ -19,7 +19,9 @@ the device arrays when MPI is CUDA-aware, else host copies made (and timed) arou
 from __future__ import annotations
 
 # isort: off
-import mpipar  # noqa: F401  (first: thread and MPI-wait settings before numpy/MPI load)
+import mpipar
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 # isort: on
 
 import argparse

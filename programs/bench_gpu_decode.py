@@ -48,9 +48,9 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
-# isort: off
-import mpipar  # noqa: E402,F401  (one BLAS thread per rank, before numpy loads)
-# isort: on
+import mpipar  # noqa: E402
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 import numpy as np  # noqa: E402
 
 from mpipar.benchkit import ints, launch_worker, worker_main  # noqa: E402

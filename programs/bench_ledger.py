@@ -33,15 +33,18 @@ import json
 import os
 import sys
 
-import mpipar  # noqa: F401  (one BLAS thread per rank, before numpy loads)
+import mpipar
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 from mpipar.benchkit import launch_worker, worker_main  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 SEED_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "ep_alltoall")
 WHY = {
     "tp_allreduce": "ring 2(n-1)/n of [N,h]; != 1 through chunk rounding (n does not divide "
-                    "N*h), or below comm/ring.py's SMALL_MAX_BYTES, where recursive doubling "
-                    "sends log2(n)*S instead of 2(n-1)/n*S: the same at n = 2, 1.33x at n = 4",
+                    "N*h), or below comm/ring.py's RECURSIVE_DOUBLING_MAX_BYTES, where "
+                    "recursive doubling sends log2(n)*S instead of 2(n-1)/n*S: the same at "
+                    "n = 2, 1.33x at n = 4",
     "tp_allgather": "EP token shares split(N, n): uneven when n does not divide N, so a "
                     "rank sends more or less than (n-1)/n",
     "pp_send": "one activation [N,h] per boundary: exact",
@@ -76,25 +79,8 @@ def parse_layout(text: str) -> dict:
 
 def seed_per_token(config, layout, coords) -> dict:
     """The seed's bytes sent per token of the rank's replica, by kind (module docstring)."""
-    from mpipar.costmodel import (
-        allgather_bytes_seed,
-        allreduce_bytes_seed,
-        ep_bytes_per_token_seed,
-        pp_bytes_per_token,
-        stage_layers,
-    )
-    h, b, n, stage = config.hidden_size, 4, layout.tp, coords.pp
-    layers = stage_layers(config.num_layers, layout.pp)[stage]
-    moe_ep = sum(1 for i in layers if config.is_moe_layer(i)) if layout.ep > 1 else 0
-    out = dict.fromkeys(SEED_KINDS, 0.0)
-    if n > 1:
-        out["tp_allreduce"] = (2 * len(layers) - moe_ep) * allreduce_bytes_seed(h * b, n)
-        out["tp_allgather"] = moe_ep * allgather_bytes_seed(h * b, n)
-    out["pp_send"] = pp_bytes_per_token(h, layout.pp, b, stage).sent
-    if moe_ep:
-        per = ep_bytes_per_token_seed(config.num_experts_per_tok, h, layout.ep, b).sent
-        out["ep_alltoall"] = 2 * moe_ep * per * layout.ep / n
-    return out
+    from mpipar.costmodel import seed_bytes_by_kind
+    return seed_bytes_by_kind(config, layout, 4, coords.pp)
 
 
 def one_run(model, prompts, new_tokens):

@@ -41,7 +41,9 @@ import statistics
 import sys
 import time
 
-import mpipar  # noqa: F401  (one BLAS thread, before numpy loads)
+import mpipar
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 from mpipar.benchkit import QUIET_CORES, LoadProbe, machine, quiet_rounds  # noqa: E402
 
 SEEDED_TORCH = {"decode_ms_per_token": 28.0, "prefill_tokens_per_s": 377.0}

@@ -27,7 +27,9 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
-import mpipar  # noqa: E402,F401  (one BLAS thread per rank)
+import mpipar  # noqa: E402
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 from mpipar.launch import clean_env, run_mpi  # noqa: E402
 
 FIXTURES = os.environ.get("MPIPAR_FIXTURES", os.path.join(ROOT, "tests", "fixtures"))

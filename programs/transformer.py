@@ -7,7 +7,9 @@
 All logic lives in mpipar.runner; ``--help`` lists the flags.
 """
 
-import mpipar  # noqa: F401  (one BLAS thread per rank, set before numpy loads)
+import mpipar
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 from mpipar.runner import main
 
 if __name__ == "__main__":

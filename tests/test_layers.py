@@ -205,20 +205,40 @@ def test_attention_gqa_head_map():
     np.testing.assert_allclose(got[0, :, 0], [h // (hq // hkv) for h in range(hq)], atol=1e-6)
 
 
-def test_attention_chunks_equal_whole_prefill():
-    """Prefill in chunks through a KVCache equals one pass over the whole prompt."""
-    r = rng(6)
-    s, hq, hkv, d = 11, 4, 2, 6
-    q = f32(r.normal(size=(s, hq, d)))
-    k = f32(r.normal(size=(s, hkv, d)))
+@pytest.mark.parametrize("s,hq,hkv,d,cuts", [
+    (11, 4, 2, 6, (0, 4, 5, 11)),
+    (300, 2, 1, 4, (0, 100, 250, 300)),   # boundaries inside the whole pass's 128-query blocks
+])
+def test_attention_chunks_equal_whole_prefill(s, hq, hkv, d, cuts):
+    """Prefill in chunks through a KVCache equals one pass over the whole prompt, and both
+    equal the loop over positions."""
+    r = rng(6 + s)
+    q = f32(r.normal(size=(s, hq, d)) * 2)
+    k = f32(r.normal(size=(s, hkv, d)) * 2)
     v = f32(r.normal(size=(s, hkv, d)))
     whole = L.causal_gqa_attention(xp, q, k, v)
-    cache = L.KVCache(xp, 16, hkv, d)
+    cache = L.KVCache(xp, s, hkv, d)
     parts = []
-    for a, b in ((0, 4), (4, 5), (5, 11)):
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         kk, vv = cache.append(k[a:b], v[a:b])
         parts.append(L.causal_gqa_attention(xp, q[a:b], kk, vv))
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole, ref_attention(q, k, v), rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("t,s,block", [
+    (300, 300, 128),   # a prompt of three query blocks: 128, 128, 44
+    (200, 330, 128),   # a chunk after 130 cached positions: its blocks end mid-sequence
+    (23, 29, 5),       # many small uneven blocks, offset by 6
+])
+def test_attention_query_blocks(t, s, block):
+    """The query-block loop past its first block, against the loop over positions."""
+    r = rng(40 + t)
+    q = f32(r.normal(size=(t, 2, 4)) * 2)
+    k = f32(r.normal(size=(s, 1, 4)) * 2)
+    v = f32(r.normal(size=(s, 1, 4)))
+    got = L.causal_gqa_attention(xp, q, k, v, block=block)
+    np.testing.assert_allclose(got, ref_attention(q, k, v), rtol=1e-4, atol=2e-6)
 
 
 def test_swiglu():

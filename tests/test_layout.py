@@ -80,7 +80,7 @@ def test_split_matches_layout(world):
     for tp in [d for d in range(1, n + 1) if n % d == 0]:
         lay = Layout(tp=tp, pp=n // tp, ep=tp)
         comms = make_comms(lay, world)
-        for kind in ("tp", "pp", "dp", "ep", "stage"):
+        for kind in ("tp", "pp", "ep"):
             group = getattr(comms, kind)
             members = group.comm.allgather(world.Get_rank())
             assert members in lay.groups(kind)

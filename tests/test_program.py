@@ -103,7 +103,7 @@ def test_text_prompt_needs_a_tokenizer(fixtures_dir):
 
 
 def test_text_prompt_with_a_tokenizer(fixtures_dir, tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # the test extra brings it: a missing one is a failure
     src = os.path.join(fixtures_dir, "qwen3-tiny")
     ref = load_ref(src)
     for fn in ("config.json", "model.safetensors"):
@@ -141,6 +141,12 @@ BAD = [
                  id="json-dir"),
     pytest.param(["--tp", "4", "--model", "{badtok}", "--prompt", "w1 w2"], "tokenizer",
                  id="bad-tokenizer"),
+    pytest.param(["--tp", "2", "--dp", "2", "--max-new-tokens", "100000"],
+                 "16 tokens + --max-new-tokens 100000 = 100016 > the model's "
+                 "max_position_embeddings (512)", id="too-long"),
+    pytest.param(["--pp", "4", "--prompt-ids", "1,2,3,4,5", "--max-model-len", "9",
+                  "--max-new-tokens", "5"],
+                 "5 tokens + --max-new-tokens 5 = 10 > --max-model-len (9)", id="max-model-len"),
 ]
 
 
@@ -161,3 +167,27 @@ def test_bad_input_one_error_line(fixtures_dir, tmp_path, args, word):
     assert word in errors[0], errors[0]
     assert "Traceback" not in out.text
     assert out.wall_s < 30, f"took {out.wall_s:.1f} s"
+
+
+@pytest.mark.parametrize("poison, named", [
+    # NaN in layer 2 (second pipeline stage) and inf in layer 3: the first one is named
+    ({"model.layers.2.mlp.down_proj.weight": np.nan,
+      "model.layers.3.self_attn.o_proj.weight": np.inf}, "layer 2 is not finite"),
+    ({"lm_head.weight": np.inf}, "the logits (model.norm or lm_head) is not finite"),
+], ids=["layers", "lm_head"])
+def test_non_finite_weights_name_the_first_bad_layer(fixtures_dir, tmp_path, poison, named):
+    """NaN/inf weights: one error naming where the output first stops being finite, exit 2,
+    from a 4-rank tp=2 pp=2 run, instead of a stream of token 0."""
+    from safetensors.numpy import load_file, save_file
+    src = os.path.join(fixtures_dir, "qwen3-tiny")
+    shutil.copy(os.path.join(src, "config.json"), tmp_path)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    for name, value in poison.items():
+        tensors[name][3, 5] = value
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    out = program(4, ["--model", str(tmp_path), "--tp", "2", "--pp", "2",
+                      "--max-new-tokens", "3"], timeout=60)
+    assert out.returncode == 2, out.text
+    errors = error_lines(out.text)
+    assert len(errors) == 1 and named in errors[0], out.text
+    assert "Traceback" not in out.text

@@ -1,7 +1,9 @@
 """Ring all-reduce, reduce-scatter, all-gather against MPI's own collectives.
 
 Runs on the world communicator and on 2- and 3-rank sub-communicators split from it
-(ranks outside a sub-communicator pass through). Random data, odd lengths, every dtype;
+(ranks outside a sub-communicator pass through; rank 0 is in all of them). On a world
+too small for a communicator the test is skipped (pytest-mpi's ``min_size``): one rank
+runs no collective, so it proves nothing about the ring. Random data, odd lengths, every dtype;
 16-bit floats are compared with a float32 MPI reduction (tolerance: one 16-bit rounding
 per ring hop); integers exactly. The ledger must hold exactly ``ring_bytes``.
 """
@@ -26,7 +28,10 @@ INTS = [np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, n
                               np.uint32, np.uint64)]
 LENGTHS = [0, 1, 2, 3, 5, 7, 1000, 4099]
 BIG = 2**20 + 7
-COMMS = ["world", "two", "three"]
+# A one-rank world runs no collective: these tests need 2 (3) ranks (pytest-mpi's marker).
+COMMS = [pytest.param("world", marks=pytest.mark.mpi(min_size=2)),
+         pytest.param("two", marks=pytest.mark.mpi(min_size=2)),
+         pytest.param("three", marks=pytest.mark.mpi(min_size=3))]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +51,6 @@ def comms():
 
 
 def get_group(comms, which):
-    if which == "two" and WORLD.Get_size() < 2 or which == "three" and WORLD.Get_size() < 3:
-        pytest.skip(f"needs a world of at least {2 if which == 'two' else 3} ranks")
     comm = comms[which]
     return None if comm is None else Group(comm, "tp", Ledger())
 
@@ -116,7 +119,7 @@ def check_allreduce(g, dtype, n_elems, algorithm):
 
 
 @pytest.mark.parametrize("which", COMMS)
-@pytest.mark.parametrize("algorithm", ["ring", "small"])
+@pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling", "textbook"])
 def test_allreduce_matches_mpi(comms, which, algorithm):
     """Every dtype, odd lengths; 2**20+7 for float32, bfloat16 and int32."""
     g = get_group(comms, which)
@@ -130,11 +133,11 @@ def test_allreduce_matches_mpi(comms, which, algorithm):
 
 @pytest.mark.parametrize("which", COMMS)
 def test_allreduce_auto(comms, which):
-    """auto: recursive doubling up to SMALL_MAX_BYTES, the ring above; bytes follow."""
+    """auto: recursive doubling up to RECURSIVE_DOUBLING_MAX_BYTES, the ring above; bytes follow."""
     g = get_group(comms, which)
     if g is None:
         return
-    edge = ring.SMALL_MAX_BYTES // 4
+    edge = ring.RECURSIVE_DOUBLING_MAX_BYTES // 4
     for dtype in (np.dtype(np.float32), BF16):
         for n_elems in (0, 5, edge, edge + 1, 3 * edge + 7):
             check_allreduce(g, dtype, n_elems, "auto")
@@ -158,7 +161,7 @@ def test_allreduce_shapes_out_and_kind(comms, which):
     assert ring.ring_allreduce(g, x, out=out) is out
     big = rand(np.float32, 10007, seed=g.rank)
     ref, tol = mpi_reference(g.comm, big)
-    for algorithm in ("ring", "small"):
+    for algorithm in ("ring", "recursive_doubling"):
         inplace = big.copy()
         ring.ring_allreduce(g, inplace, out=inplace, algorithm=algorithm)   # out is x
         check_close(inplace, ref, tol)
@@ -220,6 +223,55 @@ def test_allgather_matches_mpi(comms, which, dtype):
             * chunk.itemsize
 
 
+@pytest.mark.parametrize("which", COMMS)
+def test_textbook_ring_equals_fast_ring(comms, which, monkeypatch):
+    """The seed's two loops and the fast ring: the same sums to the bit, the same bytes
+    (the fast one in pieces too), for float32, 16-bit floats (added in float32) and ints."""
+    g = get_group(comms, which)
+    if g is None:
+        return
+    monkeypatch.setattr(ring, "SEGMENT_BYTES", 64)
+    for dtype in (np.dtype(np.float32), np.dtype(np.float16), BF16, np.dtype(np.int32)):
+        for n_elems in (1, 7, 1001):
+            x = rand(dtype, n_elems, seed=11 * g.rank + n_elems)
+            g.ledger.reset()
+            fast = ring.ring_allreduce(g, x, algorithm="ring", kind="fast")
+            slow = ring.ring_allreduce(g, x, algorithm="textbook", kind="textbook")
+            np.testing.assert_array_equal(fast.view(np.uint8), slow.view(np.uint8))
+            t = g.ledger.totals()
+            assert [t[k]["sent_bytes"] for k in ("fast", "textbook")] == \
+                [ring.ring_bytes(n_elems, x.itemsize, g.size, g.rank)[0]] * 2
+
+
+class NoHalfAdd:
+    """numpy, except that its add refuses 16-bit operands (stands in for a backend whose
+    native 16-bit add would round differently, as CuPy's float16 may)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def add(self, a, b, out=None):
+        assert np.dtype(a.dtype) not in HALFS and np.dtype(b.dtype) not in HALFS, "16-bit add"
+        return np.add(a, b, out=out)
+
+
+def test_16_bit_sums_add_in_float32():
+    """Each 16-bit addition widens to float32 and rounds once, never a 16-bit add:
+    a + b == round16(f32(a) + f32(b)), in place too."""
+    rng = np.random.default_rng(3)
+    for dtype in HALFS:
+        a, b = (rng.standard_normal(999) * 50).astype(dtype), rng.standard_normal(999).astype(dtype)
+        want = (a.astype(np.float32) + b.astype(np.float32)).astype(dtype)
+        out = np.empty_like(a)
+        assert ring._add(NoHalfAdd(), a, b, out) is out
+        np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+        ring._add(NoHalfAdd(), out, b, out)           # in place
+        want = (want.astype(np.float32) + b.astype(np.float32)).astype(dtype)
+        np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+    x = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(ring._add(NoHalfAdd(), x, x, np.empty_like(x)), 2 * x)
+
+
 def test_chunk_bounds_and_bytes():
     assert ring.chunk_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
     assert ring.chunk_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
@@ -233,13 +285,15 @@ def test_chunk_bounds_and_bytes():
             assert sum(s for s, _ in per) == sum(v for _, v in per)
             if n_elems % n == 0:   # the seed's formula: 2 (n-1)/n S per rank
                 assert all(s == 2 * (n - 1) * n_elems * 4 // n for s, _ in per)
-            small = [ring.small_bytes(n_elems, 4, n, r) for r in range(n)]
+            small = [ring.recursive_doubling_bytes(n_elems, 4, n, r) for r in range(n)]
             assert sum(s for s, _ in small) == sum(v for _, v in small)
-    assert ring.small_bytes(10, 4, 4, 0) == (80, 80)             # log2(4) exchanges
-    assert ring.small_bytes(10, 4, 3, 0) == (40, 40)             # sat out: send, get back
-    assert ring.small_bytes(10, 4, 3, 1) == (80, 80)             # pair + 1 exchange + back
-    assert ring.allreduce_bytes(8, 4, 4, 0) == ring.small_bytes(8, 4, 4, 0)
+    rd = ring.recursive_doubling_bytes
+    assert rd(10, 4, 4, 0) == (80, 80)             # log2(4) exchanges
+    assert rd(10, 4, 3, 0) == (40, 40)             # sat out: send, get back
+    assert rd(10, 4, 3, 1) == (80, 80)             # pair + 1 exchange + back
+    assert ring.allreduce_bytes(8, 4, 4, 0) == ring.recursive_doubling_bytes(8, 4, 4, 0)
     assert ring.allreduce_bytes(1 << 20, 4, 4, 0) == ring.ring_bytes(1 << 20, 4, 4, 0)
+    assert ring.allreduce_bytes(8, 4, 4, 0, "textbook") == ring.ring_bytes(8, 4, 4, 0)
     with pytest.raises(ValueError):
         ring.allreduce_bytes(8, 4, 4, 0, "tree")
 
@@ -284,7 +338,8 @@ class CopyTransport:
         arr[...] = buf
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "small"])
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling", "textbook"])
 def test_transport_hooks(comms, algorithm, monkeypatch):
     monkeypatch.setattr(ring, "SEGMENT_BYTES", 64)
     tr = CopyTransport()

@@ -40,13 +40,6 @@ class Ledger:
             self.spans.append((kind, "comm", t_start, t_start + seconds))
 
     @contextmanager
-    def timed(self, kind: str, sent_bytes: int = 0, recv_bytes: int = 0):
-        """Time a block and record it: ``with ledger.timed("pp_send", nbytes): ...``."""
-        t = time.perf_counter()
-        yield
-        self.record(kind, sent_bytes, recv_bytes, time.perf_counter() - t, t)
-
-    @contextmanager
     def span(self, name: str, category: str = "compute"):
         """A traced span that is not communication (compute); free when tracing is off."""
         if not self.trace:

@@ -1,4 +1,4 @@
-"""Hand-coded ring all-reduce (reduce-scatter + all-gather) on point-to-point messages.
+"""Hand-coded all-reduce on point-to-point messages: textbook ring, fast ring, recursive doubling.
 
 The math (the seed's): an all-reduce (SUM) of an array of S bytes over n ranks is
   1. reduce-scatter: the array is cut into n chunks (``chunk_bounds``); in n-1 steps
@@ -11,21 +11,27 @@ Each rank sends (and receives) one chunk per step, 2(n-1) chunks of S/n bytes:
   bytes sent per rank = 2 (n-1)/n * S   (``ring_bytes`` gives the exact figure with the
   chunk rounding: chunks of an uneven split differ by one element).
 Time ~ 2(n-1) (alpha + S/(n B)): bandwidth-optimal, but 2(n-1) latencies alpha.
+``algorithm="textbook"`` (``_textbook``) is exactly these two loops, one blocking
+Sendrecv a step, as a reader writes it from the seed; ``algorithm="ring"`` is the same
+ring made fast (below), with the same chunks and the same order of additions, so the two
+agree bitwise.
 
-Small messages take recursive doubling instead (``algorithm="small"``; ``auto`` picks
-it up to ``SMALL_MAX_BYTES``): log2(p) exchanges of the whole array with partner
-rank ^ 2^k, p the largest power of two <= n. For n not a power of two the first
-2(n-p) ranks pair up first (the even rank sends its array to the odd one, which adds)
-and the odd ones send the result back at the end. Bytes (``small_bytes``): a rank in
-the power-of-two set sends and receives log2(p) S, an odd pair member one S more each
-way, a rank that sits out sends S and receives S. Time ~ (log2 p (+2)) (alpha + S/B).
-Crossover: at n=2 both send S per rank and recursive doubling has one latency instead
-of two; at n=4 it costs 2S against 1.5S and saves 4 latencies, so it wins while
-S < 8 alpha B. On the 2-core test box alpha is about 5 us with a core per rank and
-30-60 us with 4 ranks on 2 cores (0.1-0.3 ms where waiting ranks yield their core, past
-2 ranks per core: mpipar/__init__.py), and B 2-5 GB/s: measured, recursive doubling is
-faster up to 0.25-1 MiB at 4 ranks, hence SMALL_MAX_BYTES = 256 KiB. Each exchange is
-one Sendrecv: at this size the cost is the number of MPI calls.
+Small messages take recursive doubling instead (``algorithm="recursive_doubling"``;
+``auto`` picks it up to ``RECURSIVE_DOUBLING_MAX_BYTES``): log2(p) exchanges of the
+whole array with partner rank ^ 2^k, p the largest power of two <= n. For n not a power
+of two the first 2(n-p) ranks pair up first (the even rank sends its array to the odd
+one, which adds) and the odd ones send the result back at the end. Bytes
+(``recursive_doubling_bytes``): a rank in the power-of-two set sends and receives
+log2(p) S, an odd pair member one S more each way, a rank that sits out sends S and
+receives S. Time ~ (log2 p (+2)) (alpha + S/B). Crossover: at n=2 both send S per rank
+and recursive doubling has one latency instead of two; at n=4 it costs 2S against 1.5S
+and saves 4 latencies, so it wins while S < 8 alpha B. On the 2-core test box alpha is
+about 5 us with a core per rank and 30-60 us with 4 ranks on 2 cores (0.1-0.3 ms where
+waiting ranks yield their core, past 2 ranks per core: mpipar/__init__.py), and B 2-5
+GB/s: measured, recursive doubling is faster up to 0.25-1 MiB at 4 ranks, hence 256 KiB.
+Each exchange is one Sendrecv: at this size the cost is the number of MPI calls. A
+decode step's all-reduce (one token a sequence, a few KiB) takes this path: log2(T) S
+per rank, not 2(T-1)/T S.
 
 Every rank of the group ends with the bitwise same result: in the ring each chunk is
 summed on one rank and then copied; in recursive doubling both partners add the same
@@ -33,16 +39,17 @@ two operands (IEEE addition commutes).
 
 Dtypes: float32/64 and integers (wrap-around, like MPI) move as themselves; bool sums
 as logical OR. float16/bfloat16 move as their 16 bits, so the bytes are those of the
-16-bit array (the cost model's S). Each addition is done in float32 and rounded once
-to 16 bits (what NumPy's and ml_dtypes' 16-bit add does); since a partial sum crosses
-the wire as 16 bits, a result is rounded once per hop: n-1 times in the ring, log2(p)
-(+1) times in recursive doubling. A float32 wire would round once in all but double
-the bytes of the reduce-scatter.
+16-bit array (the cost model's S). Each addition (``_add``) widens both operands to
+float32 (``wire.acc_dtype``), adds, and rounds once to 16 bits, on every backend (CuPy's
+native float16 add included); since a partial sum crosses the wire as 16 bits, a result
+is rounded once per hop: n-1 times in the ring, log2(p) (+1) times in recursive
+doubling. A float32 wire would round once in all but double the bytes of the
+reduce-scatter.
 
 Speed (host arrays; measured against MPICH's Allreduce, see programs/bench_allreduce):
 no copy of the input is made and no per-step buffers: all receives of a pass are
 posted up front straight into the output (a reduce-scatter chunk lands in ``out``, gets
-the local contribution added in place with ``xp.add(out, x, out=out)`` and moves on),
+the local contribution added in place (``_add``) and moves on),
 the step-0 send goes out before any wait, each piece is forwarded as soon as it
 lands, and the all-gather starts with the first finished piece of the reduce-scatter.
 Chunks longer than ``SEGMENT_BYTES`` go in pieces, so the next rank starts on
@@ -58,11 +65,11 @@ from __future__ import annotations
 import time
 
 from .chunks import chunk_bounds  # noqa: F401  (part of this module's API)
-from .wire import buf_spec, recv_done
+from .wire import acc_dtype, buf_spec, recv_done
 
-SMALL_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this many bytes
+RECURSIVE_DOUBLING_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this size
 SEGMENT_BYTES = 8 << 20        # ring pipeline piece (longer chunks go in pieces)
-TAG = 0x5A11                   # ring: TAG; small path: TAG+1..TAG+3 (p2p default: 0)
+TAG = 0x5A11                   # rings: TAG; recursive doubling: TAG+1..TAG+3 (p2p: 0)
 
 
 def _bounds_from_counts(counts) -> list[tuple[int, int]]:
@@ -84,7 +91,8 @@ def ring_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int) -> tuple[in
     return sent * itemsize, recv * itemsize
 
 
-def small_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int) -> tuple[int, int]:
+def recursive_doubling_bytes(n_elems: int, itemsize: int, n_ranks: int,
+                             rank: int) -> tuple[int, int]:
     """(sent, recv) bytes of ``rank`` in the recursive-doubling all-reduce."""
     if n_ranks == 1:
         return 0, 0
@@ -99,17 +107,29 @@ def small_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int) -> tuple[i
 def allreduce_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int,
                     algorithm: str = "auto") -> tuple[int, int]:
     """(sent, recv) of ``ring_allreduce(..., algorithm)`` for this rank."""
-    if _pick(algorithm, n_elems * itemsize) == "small":
-        return small_bytes(n_elems, itemsize, n_ranks, rank)
-    return ring_bytes(n_elems, itemsize, n_ranks, rank)
+    if _pick(algorithm, n_elems * itemsize) == "recursive_doubling":
+        return recursive_doubling_bytes(n_elems, itemsize, n_ranks, rank)
+    return ring_bytes(n_elems, itemsize, n_ranks, rank)     # the fast and the textbook ring
 
 
 def _pick(algorithm: str, nbytes: int) -> str:
     if algorithm == "auto":
-        return "small" if nbytes <= SMALL_MAX_BYTES else "ring"
-    if algorithm not in ("ring", "small"):
-        raise ValueError(f"algorithm must be auto, ring or small, not {algorithm!r}")
+        return "recursive_doubling" if nbytes <= RECURSIVE_DOUBLING_MAX_BYTES else "ring"
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be auto or one of {ALGORITHMS}, not {algorithm!r}")
     return algorithm
+
+
+ALGORITHMS = ("ring", "recursive_doubling", "textbook")
+
+
+def _add(xp, a, b, out):
+    """out = a + b (out may be a or b); 16-bit floats add in float32, rounded once."""
+    wide = acc_dtype(out.dtype)
+    if wide == out.dtype:
+        return xp.add(a, b, out=out)
+    out[...] = (a.astype(wide) + b.astype(wide)).astype(out.dtype)
+    return out
 
 
 class _Pipe:
@@ -194,7 +214,7 @@ def _ring(group, src, out, bounds, reduce: bool, gather: bool) -> tuple[int, int
         for k in range(n - 1):
             for j, (a, b) in enumerate(pieces(r - k - 2)):
                 pipe.wait_recv(k * nseg + j)
-                xp.add(out[a:b], src[a:b], out=out[a:b])
+                _add(xp, out[a:b], src[a:b], out[a:b])
                 if k < n - 2 or gather:          # partial sum on; last step: chunk r done
                     pipe.isend(out[a:b], right)
         for req, _ in pipe.sends[:(n - 1) * nseg]:
@@ -257,15 +277,44 @@ def ring_allgather(group, chunk, counts=None, kind=None):
     return out
 
 
-def _exchange(group, send, recv, peer, tag) -> None:
-    """One Sendrecv with ``peer`` (a single MPI call: the small path is latency-bound)."""
+def _exchange(group, send, dest, recv, source, tag=TAG) -> None:
+    """One blocking Sendrecv: ``send`` to dest while ``recv`` arrives from source."""
     sspec, _ = buf_spec(group, send)
     rspec, staged = buf_spec(group, recv)
-    group.comm.Sendrecv(sspec, peer, tag, rspec, peer, tag)
+    group.comm.Sendrecv(sspec, dest, tag, rspec, source, tag)
     recv_done(group, staged, recv)
 
 
-def _small_allreduce(group, src, out) -> tuple[int, int]:
+def _textbook(group, out) -> tuple[int, int]:
+    """The seed's ring on ``out`` [N] (this rank's array, summed in place); elements.
+
+    Reduce-scatter: at step k rank r sends chunk r-k-1 to its right and adds the chunk
+    r-k-2 that arrives from its left; after n-1 steps chunk r is the full sum. All-gather:
+    at step k it sends chunk r-k (complete) and stores chunk r-k-1 from its left.
+    """
+    xp, n, r = group.xp, group.size, group.rank
+    right, left = (r + 1) % n, (r - 1) % n
+    bounds = chunk_bounds(out.size, n)
+
+    def chunk(c):
+        a, b = bounds[c % n]
+        return out[a:b]
+
+    got = xp.empty(max(b - a for a, b in bounds), out.dtype)    # [N/n] the left's chunk
+    sent = recv = 0
+    for k in range(n - 1):                          # reduce-scatter
+        send, mine = chunk(r - k - 1), chunk(r - k - 2)
+        _exchange(group, send, right, got[:mine.size], left)
+        _add(xp, got[:mine.size], mine, mine)       # partial sum from the left + my part
+        sent, recv = sent + send.size, recv + mine.size
+    for k in range(n - 1):                          # all-gather
+        send, into = chunk(r - k), chunk(r - k - 1)
+        _exchange(group, send, right, into, left)
+        sent, recv = sent + send.size, recv + into.size
+    return sent, recv
+
+
+def _recursive_doubling(group, src, out) -> tuple[int, int]:
     """Recursive doubling into ``out``; element counts. ``cur`` is this rank's partial
     sum: ``src`` until the first addition writes ``out`` (no copy of src is made)."""
     xp, n, r = group.xp, group.comm.Get_size(), group.comm.Get_rank()
@@ -285,14 +334,14 @@ def _small_allreduce(group, src, out) -> tuple[int, int]:
             group.comm.Recv(spec, r - 1, TAG + 1)
             recv_done(group, staged, tmp)
             recv += tmp.size
-            cur = xp.add(tmp, src, out=out)
+            cur = _add(xp, tmp, src, out)
     mask = 1
     while newrank >= 0 and mask < p:
         peer_new = newrank ^ mask
         peer = peer_new * 2 + 1 if peer_new < rem else peer_new + rem
-        _exchange(group, cur, tmp, peer, TAG + 2)
+        _exchange(group, cur, peer, tmp, peer, TAG + 2)
         sent, recv = sent + cur.size, recv + tmp.size
-        cur = xp.add(cur, tmp, out=out)
+        cur = _add(xp, cur, tmp, out)
         mask <<= 1
     if r < 2 * rem:                               # give the sat-out ranks the result
         if r % 2 == 0:
@@ -310,9 +359,10 @@ def _small_allreduce(group, src, out) -> tuple[int, int]:
 def ring_allreduce(group, x, kind=None, algorithm: str = "auto", out=None):
     """SUM of x over the ranks of ``group``: same shape and dtype as x; x is not modified.
 
-    ``algorithm``: "ring" (reduce-scatter + all-gather), "small" (recursive doubling)
-    or "auto" (small up to SMALL_MAX_BYTES). ``out``: optional contiguous array of x's
-    shape and dtype to write into (may be x itself); returned.
+    ``algorithm``: "ring" (reduce-scatter + all-gather), "recursive_doubling", "auto"
+    (recursive doubling up to RECURSIVE_DOUBLING_MAX_BYTES, else the ring) or "textbook"
+    (``textbook_allreduce``). ``out``: optional contiguous array of x's shape and dtype
+    to write into (may be x itself); returned.
     """
     t = time.perf_counter()
     xp = group.xp
@@ -323,10 +373,14 @@ def ring_allreduce(group, x, kind=None, algorithm: str = "auto", out=None):
         raise ValueError("out must be a C-contiguous array of x's shape and dtype")
     flat = out.reshape(-1)                        # [N] view of out
     sent = recv = 0
+    picked = _pick(algorithm, src.nbytes)
     if group.size == 1 or src.size == 0:
         flat[...] = src
-    elif _pick(algorithm, src.nbytes) == "small":
-        sent, recv = _small_allreduce(group, src, flat)
+    elif picked == "textbook":
+        flat[...] = src
+        sent, recv = _textbook(group, flat)
+    elif picked == "recursive_doubling":
+        sent, recv = _recursive_doubling(group, src, flat)
     else:
         if xp.may_share_memory(flat, src):
             src = src.copy()                      # out is x: the ring reads x after writing

@@ -2,13 +2,14 @@
 
 What moves:
   * float32/64, float16, int8..int64, uint8..uint64, bool move as their own MPI type.
-  * bfloat16 (``ml_dtypes.bfloat16``) has no MPI type: it moves as its uint16 bits
-    (``wire_view``), 2 bytes an element like float16. MPI never reduces it: every
-    reduction in ``mpipar.comm`` is done by NumPy on this side of the wire.
-  * Reductions of 16-bit floats (float16, bfloat16) add in float32 (``acc_dtype``):
-    a partial sum is held in float32 and rounded to 16 bits once, when it leaves
-    (goes on the wire, or is the result). The wire stays 16-bit, so the bytes a
-    reduction moves are those of the 16-bit array (what the cost model counts).
+  * float16 and bfloat16 (``ml_dtypes.bfloat16``, which has no MPI type) move as their
+    16 bits: ``mpi_type`` gives UINT16 over the array's own buffer, 2 bytes an element.
+    MPI never reduces them: every reduction in ``mpipar.comm`` is done by the array
+    module on this side of the wire.
+  * Reductions of 16-bit floats add in float32 (``acc_dtype``; ``ring._add``): both
+    operands are widened, added, and the sum rounded to 16 bits once, before it goes on
+    the wire or is the result. The wire stays 16-bit, so the bytes a reduction moves
+    are those of the 16-bit array (what the cost model counts).
 
 How arrays reach MPI (one place, ``buf_spec``/``recv_done``):
   ``group.transport`` is None for host (NumPy) arrays: they are passed straight to MPI.
@@ -48,15 +49,11 @@ if BFLOAT16 is not None:
     _MPI_TYPES[BFLOAT16] = MPI.UINT16_T
 
 
-def is_float16ish(dtype) -> bool:
-    """float16 or bfloat16: the 16-bit floats that accumulate in float32."""
-    dtype = np.dtype(dtype)
-    return dtype == np.float16 or (BFLOAT16 is not None and dtype == BFLOAT16)
-
-
 def acc_dtype(dtype) -> np.dtype:
     """The dtype a sum of ``dtype`` values is accumulated in (float32 for 16-bit floats)."""
-    return np.dtype(np.float32) if is_float16ish(dtype) else np.dtype(dtype)
+    dtype = np.dtype(dtype)
+    half = dtype == np.float16 or (BFLOAT16 is not None and dtype == BFLOAT16)
+    return np.dtype(np.float32) if half else dtype
 
 
 def mpi_type(dtype):
@@ -65,16 +62,6 @@ def mpi_type(dtype):
         return _MPI_TYPES[np.dtype(dtype)]
     except KeyError:
         raise TypeError(f"no MPI datatype for {np.dtype(dtype)}") from None
-
-
-def dtype_code(dtype) -> str:
-    """A short string naming ``dtype`` for headers (bfloat16 by name, others by str)."""
-    dtype = np.dtype(dtype)
-    return "bfloat16" if BFLOAT16 is not None and dtype == BFLOAT16 else dtype.str
-
-
-def dtype_from_code(code: str) -> np.dtype:
-    return BFLOAT16 if code == "bfloat16" else np.dtype(code)
 
 
 def buf_spec(group, arr, counts=None):

@@ -115,18 +115,11 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def num_params(self, active: bool = False) -> int:
-        """Weight count; ``active``: only the experts_per_tok experts a token uses."""
-        h = self.hidden_size
-        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 2 * self.head_dim
-        n = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
-        for i in range(self.num_layers):
-            if self.is_moe_layer(i):
-                k = self.num_experts_per_tok if active else self.num_experts
-                mlp = k * 3 * h * self.moe_intermediate_size + self.num_experts * h
-            else:
-                mlp = 3 * h * self.intermediate_size
-            n += attn + mlp + 2 * h
-        return n
+        """Weight count; ``active``: only the experts_per_tok experts a token uses
+        (``costmodel.param_counts``, the one place that counts them)."""
+        from ..costmodel import param_counts
+        counts = param_counts(self)
+        return counts.active if active else counts.total
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:

@@ -7,7 +7,7 @@ layout draws the same tokens from the same logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,7 +48,6 @@ class Generation:
     decode_logits: np.ndarray | None = None  # [B, new, V] f32: the logits that chose each token
     ttft_s: float = 0.0  # prompt in -> first token out
     decode_s: float = 0.0  # time of the decode steps after the first token
-    extra: dict = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:

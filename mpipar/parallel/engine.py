@@ -26,6 +26,7 @@ import numpy as np
 from ..backend import compute_dtype
 from ..comm.control import barrier, gather_object
 from ..comm.p2p import recv_array, send_array
+from ..model.finite import FiniteWatch
 from ..model.layers import pack
 from ..model.sampling import Generation, Sampler, pad_prompt_logits
 from .ep import RoutingStats
@@ -48,6 +49,7 @@ class ParallelModel:
         self.head = VocabParallelHead(source, config, plan, comms, xp,
                                       embed=plan.first_stage, head=plan.last_stage, dtype=dt)
         self.pipe = Pipeline(comms)
+        self.watch = FiniteWatch(xp)  # which layer first outputs NaN/inf (model/finite.py)
         self.stats = RoutingStats(config.num_experts)
         self.forward_tokens = []  # N of every stage_forward on this rank (cost model input)
         self.kv_cache_bytes = 0
@@ -61,6 +63,7 @@ class ParallelModel:
         with self.comms.ledger.span(f"forward {ids.shape[0]} tokens", "stage"):
             for block, layer_caches in zip(self.blocks, caches, strict=True):
                 x = block.forward(x, layer_caches, segments, self.stats)
+                self.watch.check(x, block.layer)
         if not self.pipe.last:
             self.pipe.send_activation(x)
             return None, segments
@@ -69,6 +72,7 @@ class ParallelModel:
     def pick(self, x_rows, sampler, keep_logits, seq_ids, step):
         """Last stage: x rows [B, h] -> (tokens [B], full logits [B, V] or None)."""
         local = self.head.local_logits(x_rows)
+        self.watch.check(local, self.config.num_layers)  # "layer L": the logits
         full = self.head.full_logits(local) if keep_logits or not sampler.greedy else None
         if sampler.greedy:
             return self.head.argmax(local), full

@@ -12,9 +12,11 @@ dtype: 4 for float32, 2 for bfloat16/float16, which travel as 16 bits):
     pp_tokens     last stage, P > 1: 8 bytes per sequence per decode step but the last
     ep_alltoall   (rows dispatched to other ranks + rows returned to other ranks) * h*b
 
-Each collective's bytes come from the algorithm's exact formula (``comm.ring``:
-2(T-1)/T of the buffer for the ring, up to chunk rounding). Kinds the seed's model does
-not cover (tp_argmax, tp_logits, ep_counts, result) are not predicted.
+Each collective's bytes come from the exact formula of the algorithm it takes
+(``comm.ring.allreduce_bytes``): a prefill's all-reduce of S bytes goes by the ring,
+2(T-1)/T * S up to chunk rounding; a decode step's (a few KiB, below
+RECURSIVE_DOUBLING_MAX_BYTES) by recursive doubling, log2(T) * S for T a power of two.
+Kinds the seed's model does not cover (tp_argmax, tp_logits, ep_counts, result) are not predicted.
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ What is split (rank t holds):
     norms, router            whole (replicated)
 
 What moves: the row-parallel o_proj and down_proj each leave a partial sum [N, h] on
-every rank; one ring all-reduce each makes it whole. Two all-reduces per block, each of
-N*h elements: a rank sends 2(T-1)/T * N*h*itemsize per all-reduce (see comm/ring.py).
+every rank; one all-reduce each makes it whole. Two all-reduces per block, each of
+S = N*h*itemsize bytes. A prefill's (S above 256 KiB) takes the ring: a rank sends
+2(T-1)/T * S. A decode step's (one token a sequence: a few KiB) takes recursive doubling,
+latency-bound: a rank sends log2(T) * S for T a power of two, not 2(T-1)/T * S
+(``comm.ring``: ``auto`` and ``allreduce_bytes``).
 
 With expert parallelism (ep > 1) the MoE block ends with an all-gather of token shares
 instead of the second all-reduce (see ep.py).
