@@ -30,7 +30,7 @@ def run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts) -> d
             "predicted_bytes": [p.get(kind) for p in predicted],
         }
     pairs = np.sum([r["expert_pairs"] for r in per_rank], axis=0) if config.is_moe else []
-    rows = [r["rows_received"] for r in per_rank]
+    rows = [r["pairs_computed"] for r in per_rank]  # (token, expert) pairs per rank
     return {
         "model": config.name or "checkpoint",
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
@@ -100,8 +100,8 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
             print(f"expert load: (token, expert) pairs per expert {el['pairs_per_expert']}, "
                   f"max/mean {el['expert_max_over_mean']:.2f}")
             if "rows_per_rank" in el:
-                print(f"EP rows computed per rank {el['rows_per_rank']}, max/mean "
-                      f"{el['rank_max_over_mean']:.2f}")
+                print(f"EP (token, expert) pairs computed per rank {el['rows_per_rank']}, "
+                      f"max/mean {el['rank_max_over_mean']:.2f}")
     mismatch = [k for k, v in rec["ledger"].items()
                 if any(p is not None and p != m
                        for m, p in zip(v["measured_bytes"], v["predicted_bytes"], strict=True))]

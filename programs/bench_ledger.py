@@ -99,7 +99,7 @@ def seed_per_token(config, layout, coords) -> dict:
 
 def one_run(model, prompts, new_tokens):
     """generate() with a fresh ledger and workload record -> (sent by kind, predicted)."""
-    from mpipar.parallel.ep import RoutingStats
+    from mpipar.parallel.moe import RoutingStats
     from mpipar.parallel.predict import predict_rank
     model.comms.ledger.reset()
     model.forward_tokens = []
