@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from .parallel.eplb import add_eplb_arguments
+
 DEFAULT_PROMPT_LEN = 16
 CHECK_PARAMS_MAX = 50_000_000  # --check defaults on below this many parameters
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "stages busy (default 1: pays off only when decode is compute-bound)")
     par.add_argument("--device", choices=("cpu", "gpu", "auto"), default=None,
                      help="array device (default: $MPIPAR_DEVICE or auto)")
+    add_eplb_arguments(p)
     o = p.add_argument_group("output")
     chk = o.add_mutually_exclusive_group()
     chk.add_argument("--check", dest="check", action="store_true", default=None,
@@ -123,6 +126,7 @@ def run(argv, world=None) -> int:
     from .model.checkpoint import CheckpointError
     from .model.config import ConfigError
     from .model.init import open_model
+    from .parallel.eplb import check_eplb_arguments
     from .parallel.shard import check_layout
 
     world = MPI.COMM_WORLD if world is None else world
@@ -139,6 +143,7 @@ def run(argv, world=None) -> int:
         source = open_model(args.model, args.preset, args.seed)
         config = source.config
         check_layout(config, layout)
+        eplb = check_eplb_arguments(args, config, layout)
         prompts, tokenizer = parse_prompts(args, config.vocab_size)
         from .backend import select_device
         device = select_device(args.device)
@@ -170,7 +175,7 @@ def run(argv, world=None) -> int:
     error = None
     try:
         t = time.perf_counter()
-        model = ParallelModel(comms, source, xp)
+        model = ParallelModel(comms, source, xp, eplb)
         load_s = time.perf_counter() - t
     except (CheckpointError, ValueError, OSError, MemoryError) as e:
         error = e

@@ -37,6 +37,7 @@ def fixture_args(fixtures_dir, name):
     ("qwen3-tiny", "--dp 2 --pp 2"),
     ("qwen3-moe-tiny", "--tp 2 --dp 2 --ep 4 --prefill-chunks 3"),
     ("qwen3-moe-tiny", "--pp 4 --prefill-chunks 6"),
+    ("qwen3-moe-tiny", "--tp 2 --dp 2 --ep 4 --redundant-experts 4 --eplb-window 2"),
 ])
 def test_four_ranks_on_fixtures(fixtures_dir, tmp_path, name, layout):
     args, ref = fixture_args(fixtures_dir, name)
@@ -76,6 +77,8 @@ def test_many_ranks(fixtures_dir, tmp_path, n, layout, model):
     (4, ["--tp", "4", "--ep", "4", "--preset", "bench-166m"], "dense"),
     (4, ["--pp", "4", "--model", "/nonexistent/model"], "/nonexistent/model"),
     (2, ["--tp", "2", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (2, ["--tp", "2", "--ep", "2", "--redundant-experts", "1"], "do not divide by ep=2"),
+    (2, ["--tp", "2", "--redundant-experts", "2", "--preset", "bench-166m"], "dense"),
 ])
 def test_bad_input_one_message_quick_exit(n, args, message):
     t = time.monotonic()

@@ -13,6 +13,9 @@ as Qwen3; vLLM and SGLang use the same), from the load ``w[e]`` of each logical 
 2. Pack: the P copies, each carrying ``w[e] / copies[e]``, go onto the l ranks heaviest
    first (ties: lowest expert id), each to the rank with the least load so far among
    those with a free slot (ties: lowest rank). Inside a rank, slots follow that order.
+3. Keep (ours, balance unchanged): the packs are interchangeable, so when a placement
+   exists each pack goes to the rank that already holds most of its experts (greedy,
+   largest overlap first; ties: lowest pack, then rank), which cuts the copies moved.
 
 With R = 0 this only re-packs; with R = l every rank can take one hot copy. A rank's
 load is then at most mean + max copy load, so with enough copies max/mean -> 1. The
@@ -103,12 +106,36 @@ def pack(item_load, num_packs: int) -> list[list[int]]:
     return packs
 
 
-def rebalance(load, num_physical: int, ep: int) -> np.ndarray:
-    """load [X] -> slot_expert [P]: the placement of the module docstring."""
+def keep_in_place(packs: list[list[int]], previous) -> list[int]:
+    """Step 3: rank of each pack (lists of experts), most overlap with ``previous``
+    (slot_expert [P]) first."""
+    ep = len(packs)
+    per = len(previous) // ep
+    held = [np.bincount(previous[r * per:(r + 1) * per], minlength=len(previous))
+            for r in range(ep)]
+    overlap = np.array([[int(np.minimum(np.bincount(p, minlength=len(previous)), h).sum())
+                         for h in held] for p in packs])  # [pack, rank]
+    rank_of, free_packs, free_ranks = [0] * ep, set(range(ep)), set(range(ep))
+    while free_packs:
+        a, r = max(((a, r) for a in free_packs for r in free_ranks),
+                   key=lambda ar: (overlap[ar], -ar[0], -ar[1]))
+        rank_of[a] = r
+        free_packs.discard(a)
+        free_ranks.discard(r)
+    return rank_of
+
+
+def rebalance(load, num_physical: int, ep: int, previous=None) -> np.ndarray:
+    """load [X] -> slot_expert [P]: the placement of the module docstring (step 3 only
+    with a ``previous`` placement)."""
     copies = replicate(load, num_physical)
     items = np.repeat(np.arange(copies.shape[0]), copies)  # expert of each copy [P]
     per_copy = np.asarray(load, dtype=np.float64)[items] / copies[items]
-    return np.array([items[i] for p in pack(per_copy, ep) for i in p], dtype=np.int64)
+    packs = [[int(items[i]) for i in p] for p in pack(per_copy, ep)]
+    if previous is not None:
+        order = keep_in_place(packs, np.asarray(previous))
+        packs = [packs[order.index(r)] for r in range(ep)]
+    return np.array([e for p in packs for e in p], dtype=np.int64)
 
 
 def initial_placement(num_experts: int, redundant: int, ep: int) -> np.ndarray:
@@ -185,7 +212,8 @@ class ExpertBalancer:
         total = to_host(ring_allreduce(group, xp.asarray(load), kind="eplb_load"))
         stats.rebalances += 1
         per = self.moes[0].slots_per_rank
-        plans = [(m, rebalance(w, per * ep, ep)) for m, w in zip(self.moes, total, strict=True)]
+        plans = [(m, rebalance(w, per * ep, ep, m.slot_expert))
+                 for m, w in zip(self.moes, total, strict=True)]
         plans = [(m, new, plan_moves(m.slot_expert, new, ep)) for m, new in plans]
         wg = self.moes[0].slots[0][0]
         mi, h = wg.shape
