@@ -60,13 +60,17 @@ def test_ep_dispatch(tmp_path):
     assert set(by) == {"uniform", "zipf", "all-to-one"}
     for r in by.values():
         assert r["dispatch_bytes_per_rank"] == r["exact_bytes_per_rank"]
-        assert r["combine_bytes_per_rank"] == r["dispatch_bytes_per_rank"][::-1]  # ep=2
+        assert r["dispatch_bytes_no_dedupe_per_rank"] == r["exact_bytes_no_dedupe_per_rank"]
+        rows = [b // r["row_bytes"] for b in r["dispatch_bytes_per_rank"]]
+        assert r["combine_bytes_per_rank"] == [n * r["hidden"] * 4 for n in rows[::-1]]  # ep=2
         assert positive(r["time_s"]) and r["rank_imbalance"] >= 1.0
-    # all-to-one: rank 0 keeps its rows, rank 1 sends all k*T rows; rank 0 gets everything
+    # all-to-one: rank 0 keeps its rows; rank 1 sends each token once (all k experts are
+    # on rank 0), or k times without dedupe; rank 0 computes every pair
     a = by["all-to-one"]
     t, h, k = a["tokens_per_rank"], a["hidden"], a["top_k"]
-    assert a["dispatch_bytes_per_rank"] == [0, t * k * h * 4]
-    assert a["rank_imbalance"] == 2.0 and a["max_over_seed"] == 1.0
+    assert a["dispatch_bytes_per_rank"] == [0, t * (h * 4 + 8 * k)]
+    assert a["dispatch_bytes_no_dedupe_per_rank"] == [0, t * k * (h * 4 + 8 * k)]
+    assert a["rank_imbalance"] == 2.0 and a["max_over_seed"] < 1.0
 
 
 def test_ledger(tmp_path):

@@ -160,8 +160,10 @@ def dispatch_combine(group, xs, phys, weights, slots_per_rank, apply, dedupe=Tru
             out[rows] += apply(s, x_in[rows]) * w_in[rows, j][:, None]
     back, _ = alltoallv(group, out, recv_counts, "ep_combine", recv_counts=send_counts)
     ys = xp.zeros_like(xs)
+    if not dedupe:  # a token's rows may repeat within a destination
+        xp.add.at(ys, row_token, back)
     start = 0
-    for c in send_counts.tolist():  # a token appears at most once per destination
+    for c in send_counts.tolist() if dedupe else []:  # a token once per destination
         ys[row_token[start:start + c]] += back[start:start + c]
         start += c
     if stats is not None:
