@@ -113,3 +113,16 @@ def test_plot_timeline_bad_input(tmp_path):
                           str(bad), "-o", str(tmp_path / "x.png")], capture_output=True,
                          text=True, timeout=60, env=clean_env())
     assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_eplb(tmp_path):
+    rec, text = bench("bench_eplb", tmp_path, "--ep", "2")
+    got = {(r["routing"], r["redundant"]) for r in rec["records"]}
+    assert got == {(a, r) for a in ("zipf", "all-to-one") for r in (0, 2, 4)}
+    for r in rec["records"]:
+        assert r["max_over_mean_after"] <= r["max_over_mean_before"] + 1e-9, r
+        assert r["bytes_per_rebalance"] == r["copies_moved"] * r["copy_bytes"]
+        assert positive(r["moe_time_ratio"]) and r["ep"] == 2
+    a2o = [r for r in rec["records"] if r["routing"] == "all-to-one"]
+    assert all(r["max_over_mean_before"] == 2.0 and r["max_over_mean_after"] < 1.1 for r in a2o)
+    assert "max/mean" in text
