@@ -40,11 +40,14 @@ def run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts) -> d
         "load_s": load_s,
         "check": verdict,
         "prefill_chunks": args.prefill_chunks,
+        "eplb": {"redundant_experts": getattr(args, "redundant_experts", 0),
+                 "window": getattr(args, "eplb_window", 0)},
         "ledger": ledger,
         "ranks": [{"rank": r["rank"], "host": hosts[r["rank"]], **r["coords"],
                    "layers": r["layers"], "experts": r["experts"], "kv_heads": r["kv_heads"],
                    "kv_cache_bytes": r["kv_cache_bytes"],
-                   "kv_replication": r["kv_replication"]} for r in per_rank],
+                   "kv_replication": r["kv_replication"],
+                   "expert_slots": r["expert_slots"]} for r in per_rank],
         "expert_load": _load(pairs, rows, layout) if config.is_moe else None,
     }
 
@@ -70,6 +73,10 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
             print(f" {r['rank']:4d} | {r['host'][:12]:12s} | {r['pp']:5d} {_rng(r['layers']):8s}"
                   f" | {_rng(r['kv_heads']):8s} | {_rng(r['experts']):8s} | "
                   f"{r['kv_cache_bytes'] / 1024:.1f} KiB")
+        if _uses_eplb(rec):  # redundant copies or rebalancing: slots are not a range
+            for r in rec["ranks"]:
+                print(f"rank {r['rank']} expert slots (first MoE layer, at the end): "
+                      f"{r['expert_slots']}")
         rep = max(r["kv_replication"] for r in rec["ranks"])
         if rep > 1:
             kv = sum(r["kv_cache_bytes"] for r in rec["ranks"])
@@ -110,6 +117,11 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
     else:
         print("ledger equals the cost model for every predicted kind")
     print(f"check: {rec['check']}")
+
+
+def _uses_eplb(rec) -> bool:
+    return bool(rec.get("eplb", {}).get("redundant_experts") or
+                rec.get("eplb", {}).get("window"))
 
 
 def _rng(r) -> str:

@@ -17,8 +17,6 @@ import time
 
 import numpy as np
 
-from .parallel.eplb import add_eplb_arguments
-
 DEFAULT_PROMPT_LEN = 16
 CHECK_PARAMS_MAX = 50_000_000  # --check defaults on below this many parameters
 
@@ -33,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .parallel.eplb import add_eplb_arguments
     p = _Parser(prog="transformer.py", description=(
         "Run a Qwen3 / Qwen3-MoE model split over MPI ranks (tp*pp*dp ranks)."))
     m = p.add_argument_group("model")

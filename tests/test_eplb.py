@@ -84,6 +84,35 @@ def test_route_rows_once_per_destination_rank():
     assert back[1].tolist() == slot[:4].tolist()
 
 
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_dispatch_combine_against_a_direct_sum(world, dedupe):
+    """Random routing over 3 slots per rank with copies; slot s scales rows by (s + 1) *
+    (rank + 1), so a row sent to the wrong rank or slot shows; odd token counts, and a
+    rank without tokens."""
+    from mpipar.comm.group import Group
+    from mpipar.comm.ledger import Ledger
+    from mpipar.parallel.moe import dispatch_combine
+    g = Group(world, "ep", Ledger())
+    n, r, per, k, h = g.size, g.rank, 3, 2, 5
+    rng = np.random.default_rng(7 + r)
+    t = 0 if r == 1 else 11 + 2 * r
+    x = rng.standard_normal((t, h)).astype(np.float32)
+    phys = np.array([rng.choice(n * per, size=k, replace=False) for _ in range(t)],
+                    dtype=np.int64).reshape(t, k)
+    w = rng.random((t, k)).astype(np.float32)
+    y = dispatch_combine(g, x, phys, w, per, lambda s, rows: rows * ((s + 1) * (g.rank + 1)),
+                         dedupe)
+    scale = (phys % per + 1) * (phys // per + 1)  # [t, k]
+    want = (x[:, None, :] * (w * scale)[:, :, None]).sum(axis=1)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    sent = g.ledger.sent("ep_dispatch")
+    dest = phys // per
+    rows = (sum(len(set(d.tolist()) - {r}) for d in dest) if dedupe
+            else int((dest != r).sum()))
+    assert sent == rows * (h * 4 + 8 * k)
+    assert g.ledger.entries["ep_counts"].calls == 1
+
+
 MOE = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_size=48, model_type="qwen3_moe", num_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=16)

@@ -195,6 +195,7 @@ class ParallelModel:
             "coords": vars(self.comms.coords),
             "layers": [self.plan.layers.start, self.plan.layers.stop],
             "experts": [self.plan.experts.start, self.plan.experts.stop],
+            "expert_slots": next((b.moe.local_experts() for b in self.blocks if b.moe), []),
             "kv_heads": [self.plan.kv_heads.start, self.plan.kv_heads.stop],
             "kv_replication": self.plan.kv_replication,
             "ledger": self.comms.ledger.totals(),

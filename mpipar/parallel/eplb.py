@@ -42,6 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import to_host
+from ..comm.alltoall import alltoallv
+from ..comm.ring import ring_allreduce
+from ..model.layers import linear_weight
+
 
 class EPLBError(ValueError):
     """--redundant-experts / --eplb-window that this model or layout cannot take."""
@@ -180,7 +185,6 @@ def _flat(xp, weights):
 
 
 def _unflat(xp, row, m, h):
-    from ..model.layers import linear_weight
     mh = m * h
     return (linear_weight(xp, row[:mh].reshape(m, h)),
             linear_weight(xp, row[mh:2 * mh].reshape(m, h)),
@@ -203,9 +207,6 @@ class ExpertBalancer:
             self.rebalance(stats)
 
     def rebalance(self, stats) -> None:
-        from ..backend import to_host
-        from ..comm.alltoall import alltoallv
-        from ..comm.ring import ring_allreduce
         xp, group = self.comms.xp, self.comms.ep
         ep, me = group.size, group.rank
         load = np.stack([m.window_load for m in self.moes])  # [L_s, X] this rank's pairs

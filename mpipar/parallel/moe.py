@@ -201,6 +201,13 @@ class MoE:
         self.copy_start, self.copy_slots = copies_of(self.slot_expert, self.config.num_experts)
         self.window_load = np.zeros(self.config.num_experts, dtype=np.int64)
 
+    def local_experts(self) -> list[int]:
+        """Logical expert of each of this rank's slots."""
+        if self.ep == 1:
+            return list(range(len(self.slots)))
+        first = self.comms.coords.ep * self.slots_per_rank
+        return self.slot_expert[first:first + self.slots_per_rank].tolist()
+
     def forward(self, h, stats):
         """h [N, h] (normed, identical over the TP group) -> MoE output [N, h], whole."""
         c, xp, tp = self.config, self.xp, self.comms.tp
