@@ -158,7 +158,7 @@ def test_redundant_experts_and_rebalancing_match_transformers(world, fixtures_di
             if world.Get_rank() == 0:
                 assert all(r["eplb_rebalances"] == 4 for r in per_rank if r["layers"][1] > 0)
                 moved += sum(r["eplb_copies_sent"] for r in per_rank)
-    if world.Get_size() > 1:
-        on_rank0(world, lambda: None)
-        if world.Get_rank() == 0:
-            assert moved > 0  # the rebalances did move experts between ranks
+    def some_moved():
+        assert moved > 0, "no rebalance moved an expert between ranks"
+    if world.Get_size() > 1:  # (one rank has no layout with ep > 1)
+        on_rank0(world, some_moved)
