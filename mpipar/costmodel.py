@@ -273,9 +273,9 @@ def seed_bytes_by_kind(config, layout, dtype_bytes, stage: int) -> dict:
     tp_allreduce: 2 all-reduces per layer; on an MoE layer with ep > 1 the experts' output
     is not all-reduced: each TP rank dispatches a disjoint 1/tp share of the (replicated)
     tokens and the shares are all-gathered back (tp_allgather, (tp-1)/tp*h*b sent).
-    pp_send: ``pp_bytes_per_token``. ep_alltoall: per MoE layer dispatch + combine,
-    2*top_k*h*b/tp each way (= top_k*h*b/l per token of the EP group, which holds l/tp
-    replicas' worth of tokens).
+    pp_send: ``pp_bytes_per_token``. ep_dispatch and ep_combine: per MoE layer,
+    top_k*h*b/tp each (= top_k*h*b/l per token of the EP group, which holds l/tp
+    replicas' worth of tokens; one row per (token, expert) pair, before dedupe).
     """
     c, t = config, layout.tp
     a = c.hidden_size * dtype_size(dtype_bytes)
@@ -284,11 +284,11 @@ def seed_bytes_by_kind(config, layout, dtype_bytes, stage: int) -> dict:
     out = {"tp_allreduce": (2 * len(layers) - n_moe) * allreduce_bytes_seed(a, t),
            "tp_allgather": n_moe * allgather_bytes_seed(a, t),
            "pp_send": pp_bytes_per_token(c.hidden_size, layout.pp, dtype_bytes, stage).sent,
-           "ep_alltoall": 0.0}
+           "ep_dispatch": 0.0, "ep_combine": 0.0}
     if n_moe:
         per = ep_bytes_per_token_seed(c.num_experts_per_tok, c.hidden_size, layout.ep,
                                       dtype_bytes).sent
-        out["ep_alltoall"] = 2 * n_moe * per * layout.ep / t
+        out["ep_dispatch"] = out["ep_combine"] = n_moe * per * layout.ep / t
     return out
 
 
@@ -299,4 +299,4 @@ def comm_per_token(config, layout, dtype_bytes, stage: int) -> dict:
     tp = k["tp_allreduce"] + k["tp_allgather"]
     return {"tp": Traffic(tp, tp),
             "pp": pp_bytes_per_token(config.hidden_size, layout.pp, dtype_bytes, stage),
-            "ep": Traffic(k["ep_alltoall"], k["ep_alltoall"])}
+            "ep": Traffic(*(2 * [k["ep_dispatch"] + k["ep_combine"]]))}

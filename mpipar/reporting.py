@@ -30,7 +30,7 @@ def run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts) -> d
             "predicted_bytes": [p.get(kind) for p in predicted],
         }
     pairs = np.sum([r["expert_pairs"] for r in per_rank], axis=0) if config.is_moe else []
-    rows = [r["rows_received"] for r in per_rank]
+    rows = [r["pairs_computed"] for r in per_rank]  # (token, expert) pairs per rank
     return {
         "model": config.name or "checkpoint",
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
@@ -41,11 +41,14 @@ def run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts) -> d
         "check": verdict,
         "prefill_chunks": args.prefill_chunks,
         "dtype": per_rank[0].get("dtype", "float32"),
+        "eplb": {"redundant_experts": getattr(args, "redundant_experts", 0),
+                 "window": getattr(args, "eplb_window", 0)},
         "ledger": ledger,
         "ranks": [{"rank": r["rank"], "host": hosts[r["rank"]], **r["coords"],
                    "layers": r["layers"], "experts": r["experts"], "kv_heads": r["kv_heads"],
                    "kv_cache_bytes": r["kv_cache_bytes"],
-                   "kv_replication": r["kv_replication"]} for r in per_rank],
+                   "kv_replication": r["kv_replication"],
+                   "expert_slots": r["expert_slots"]} for r in per_rank],
         "expert_load": _load(pairs, rows, layout) if config.is_moe else None,
     }
 
@@ -71,6 +74,10 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
             print(f" {r['rank']:4d} | {r['host'][:12]:12s} | {r['pp']:5d} {_rng(r['layers']):8s}"
                   f" | {_rng(r['kv_heads']):8s} | {_rng(r['experts']):8s} | "
                   f"{r['kv_cache_bytes'] / 1024:.1f} KiB")
+        if _uses_eplb(rec):  # redundant copies or rebalancing: slots are not a range
+            for r in rec["ranks"]:
+                print(f"rank {r['rank']} expert slots (first MoE layer, at the end): "
+                      f"{r['expert_slots']}")
         rep = max(r["kv_replication"] for r in rec["ranks"])
         if rep > 1:
             kv = sum(r["kv_cache_bytes"] for r in rec["ranks"])
@@ -101,8 +108,8 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
             print(f"expert load: (token, expert) pairs per expert {el['pairs_per_expert']}, "
                   f"max/mean {el['expert_max_over_mean']:.2f}")
             if "rows_per_rank" in el:
-                print(f"EP rows computed per rank {el['rows_per_rank']}, max/mean "
-                      f"{el['rank_max_over_mean']:.2f}")
+                print(f"EP (token, expert) pairs computed per rank {el['rows_per_rank']}, "
+                      f"max/mean {el['rank_max_over_mean']:.2f}")
     mismatch = [k for k, v in rec["ledger"].items()
                 if any(p is not None and p != m
                        for m, p in zip(v["measured_bytes"], v["predicted_bytes"], strict=True))]
@@ -111,6 +118,11 @@ def print_report(rec, gen, per_rank, quiet=False) -> None:
     else:
         print("ledger equals the cost model for every predicted kind")
     print(f"check: {rec['check']}")
+
+
+def _uses_eplb(rec) -> bool:
+    return bool(rec.get("eplb", {}).get("redundant_experts") or
+                rec.get("eplb", {}).get("window"))
 
 
 def _rng(r) -> str:

@@ -33,6 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .parallel.eplb import add_eplb_arguments
     p = _Parser(prog="transformer.py", description=(
         "Run a Qwen3 / Qwen3-MoE model split over MPI ranks (tp*pp*dp ranks)."))
     m = p.add_argument_group("model")
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights, activations and KV cache (auto: float32 on CPU, the "
                           "checkpoint's dtype on GPU); norms, softmax, router and RoPE "
                           "run in float32")
+    add_eplb_arguments(p)
     o = p.add_argument_group("output")
     chk = o.add_mutually_exclusive_group()
     chk.add_argument("--check", dest="check", action="store_true", default=None,
@@ -146,6 +148,7 @@ def run(argv, world=None) -> int:
     from .model.checkpoint import CheckpointError
     from .model.config import ConfigError
     from .model.init import open_model
+    from .parallel.eplb import check_eplb_arguments
     from .parallel.shard import check_layout
 
     world = MPI.COMM_WORLD if world is None else world
@@ -162,6 +165,7 @@ def run(argv, world=None) -> int:
         source = open_model(args.model, args.preset, args.seed)
         config = source.config
         check_layout(config, layout)
+        eplb = check_eplb_arguments(args, config, layout)
         prompts, tokenizer = parse_prompts(args, config.vocab_size)
         check_lengths(prompts, args.max_new_tokens, args.max_model_len, config)
         from .backend import select_device
@@ -197,7 +201,7 @@ def run(argv, world=None) -> int:
     error = None
     try:
         t = time.perf_counter()
-        model = ParallelModel(comms, source, xp, dtype)
+        model = ParallelModel(comms, source, xp, dtype, eplb)
         load_s = time.perf_counter() - t
     except (CheckpointError, ValueError, OSError, MemoryError) as e:
         error = e

@@ -2,7 +2,7 @@
 
 The file is the ``traceEvents`` JSON that Perfetto and chrome://tracing open. Each
 rank's spans come from its ledger (``Ledger(trace=True)``): communication kinds
-(``tp_allreduce``, ``pp_send``, ``ep_alltoall`` ...) and compute spans (``attention``,
+(``tp_allreduce``, ``pp_send``, ``ep_dispatch`` ...) and compute spans (``attention``,
 ``mlp``, ``forward``). Clocks: every rank takes its time zero right after one barrier,
 so spans line up to within the barrier's exit skew. With tracing off, the ledger keeps
 no spans and ``span()`` returns at once.

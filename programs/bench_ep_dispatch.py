@@ -4,14 +4,14 @@ uniform, skewed (Zipf) and all-to-one routing, for ep = 2 and 4.
     python programs/bench_ep_dispatch.py [--ep 2,4] [--tokens 256] [--hidden 2048] \\
         [--experts 64] [--top-k 8] [--json ep.json] [--quick]
 
-What it measures: the two ``Alltoallv`` of a MoE layer, alone, with synthetic routing
-(no model: the expert computation is the identity, so the time is the exchange). Each
-of the l ranks of the EP group holds T tokens [T, h] float32 and experts
-``[e*X/l, (e+1)*X/l)``; every token picks k distinct experts. As in mpipar.parallel.ep:
-the per-expert counts are exchanged (kind ``ep_counts``), the k*T rows, sorted by
-expert and so by owner, go out in one ``mpipar.comm.alltoall.alltoallv`` (dispatch),
-and come back in a second one (combine). Rows whose expert lives on the sending rank
-move nothing.
+What it measures: a MoE layer's exchange alone, through the engine's own
+``mpipar.parallel.moe.dispatch_combine`` with synthetic routing (no model: the experts
+are the identity, so the time is the exchange). Each of the l ranks of the EP group
+holds T tokens [T, h] float32 and experts ``[e*X/l, (e+1)*X/l)``; every token picks k
+distinct experts. Three collectives: row counts (kind ``ep_counts``), dispatch
+(``ep_dispatch``) and combine (``ep_combine``). A token goes once to each other rank
+that holds one of its experts (dedupe, as the engine does), or, for comparison, once
+per (token, expert) pair; a row is h*b + 8k bytes (the token and k slot ids + weights).
 
 Routing:
   uniform     every token draws k distinct experts uniformly;
@@ -21,11 +21,11 @@ Routing:
   all-to-one  every token picks experts 0..k-1, all held by EP rank 0 (needs X/l >= k).
 
 Reported per routing and ep: dispatch bytes sent per rank (max over ranks, from the
-ledger), the seed's ``top_k*h*b/l`` per token of the group (self-copies counted, so
-k*h*b*T per rank), the exact figure from the routing counts
-(``mpipar.costmodel.ep_alltoall_bytes``), the load imbalance max/mean of rows received
-per rank (and per expert), and the median time of dispatch + combine, beside MPI's own
-``Alltoallv`` on the same buffers.
+ledger) per pair and with dedupe, beside the seed's ``top_k*h*b/l`` per token of the
+group (self-copies counted, so k*h*b*T per rank) and the exact figure counted straight
+from the routing; the load imbalance max/mean of (token, expert) pairs per rank (and
+per expert), and the median time of counts + dispatch + combine (dedupe), beside MPI's
+own ``Alltoall`` + ``Alltoallv`` on the same buffers.
 
 Launch model: a driver starts one ``mpirun -n l`` per ep value (mpipar.launch.run_mpi);
 the worker runs every routing, warm-up first, then timed rounds with the routings
@@ -81,39 +81,56 @@ def route(kind: str, n_tokens: int, n_experts: int, k: int, s: float, seed: int)
     return np.argsort(-(logp + gumbel), axis=1)[:, :k].astype(np.int64)
 
 
-def exchange(group, x, experts, n_experts):
-    """Dispatch rows of x [T, h] to the experts' owners and bring them back (identity
-    experts). -> (rows back in pair order [T*k, h], send_counts [l], recv_counts [l])."""
+def exchange(group, x, experts, n_experts, dedupe=True):
+    """Dispatch rows of x [T, h] to the experts' owners and bring them back through
+    mpipar.parallel.moe.dispatch_combine (identity experts, router weights 1/k, so the
+    result is x again) -> y [T, h]."""
     import numpy as np
 
-    from mpipar.comm.alltoall import alltoallv
-    k, ep = experts.shape[1], group.size
-    flat = experts.ravel()
-    order = np.argsort(flat, kind="stable")
-    per_expert = np.bincount(flat, minlength=n_experts)
-    send_counts = per_expert.reshape(ep, -1).sum(axis=1)
-    alltoallv(group, per_expert.reshape(ep, -1), np.ones(ep, dtype=np.int64), kind="ep_counts")
-    recv, recv_counts = alltoallv(group, x[order // k], send_counts, kind="ep_dispatch")
-    back, _ = alltoallv(group, recv, np.asarray(recv_counts), kind="ep_combine")
-    out = np.empty_like(back)
-    out[order] = back
-    return out, send_counts, np.asarray(recv_counts)
+    from mpipar.parallel.moe import dispatch_combine
+    k = experts.shape[1]
+    weights = np.full(experts.shape, 1.0 / k, dtype=np.float32)
+    return dispatch_combine(group, x, experts, weights, n_experts // group.size,
+                            lambda slot, rows: rows, dedupe)
 
 
-def mpi_alltoallv(comm, rows, send_counts, h):
-    """The same round trip with MPI's own collectives: counts Alltoall, rows Alltoallv
-    out, and back."""
+def packed_rows(x, experts, n_experts, ep, dedupe=True):
+    """What dispatch sends: (bytes rows [M, h*b + 8k], send_counts [l])."""
+    import numpy as np
+
+    from mpipar.parallel.moe import pack_rows, route_rows
+    token, slot, counts = route_rows(np, experts, n_experts // ep, ep, dedupe)
+    w = np.where(slot >= 0, 1.0 / experts.shape[1], 0).astype(np.float32)
+    return pack_rows(np, x[token], slot, w), counts
+
+
+def exact_rows(experts, n_experts, ep, me, dedupe):
+    """Rows this rank sends to other ranks, counted straight from the routing: one per
+    (token, other rank it needs) with dedupe, one per pair whose expert is elsewhere
+    without."""
+    dest = experts // (n_experts // ep)  # [T, k]
+    if not dedupe:
+        return int((dest != me).sum())
+    return sum(len(set(row.tolist()) - {me}) for row in dest)
+
+
+def mpi_alltoallv(comm, rows, send_counts, out_width):
+    """The same round trip with MPI's own collectives: counts Alltoall, packed rows
+    Alltoallv out, [h] float32 rows back."""
     import numpy as np
     from mpi4py import MPI
     recv_counts = np.empty_like(send_counts)
     comm.Alltoall(send_counts, recv_counts)
-    sc, rc = send_counts * h, recv_counts * h
-    sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
-    rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
-    out = np.empty((int(recv_counts.sum()), h), dtype=rows.dtype)
-    comm.Alltoallv([rows, (sc, sd), MPI.FLOAT], [out, (rc, rd), MPI.FLOAT])
-    back = np.empty_like(rows)
-    comm.Alltoallv([out, (rc, rd), MPI.FLOAT], [back, (sc, sd), MPI.FLOAT])
+    b = rows.shape[1]
+    sd = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
+    rd = np.concatenate([[0], np.cumsum(recv_counts)[:-1]])
+    out = np.empty((int(recv_counts.sum()), b), dtype=np.uint8)
+    comm.Alltoallv([rows, (send_counts * b, sd * b), MPI.BYTE],
+                   [out, (recv_counts * b, rd * b), MPI.BYTE])
+    y = np.ascontiguousarray(out[:, :out_width * 4]).view(np.float32)
+    back = np.empty((rows.shape[0], out_width), dtype=np.float32)
+    comm.Alltoallv([y, (recv_counts * out_width, rd * out_width), MPI.FLOAT],
+                   [back, (send_counts * out_width, sd * out_width), MPI.FLOAT])
     return back
 
 
@@ -123,7 +140,7 @@ def worker(cfg: dict) -> dict | None:
 
     from mpipar.comm.group import Group
     from mpipar.comm.ledger import Ledger
-    from mpipar.costmodel import ep_alltoall_bytes, ep_bytes_per_token_seed
+    from mpipar.costmodel import ep_bytes_per_token_seed
 
     world = MPI.COMM_WORLD
     ledger = Ledger()
@@ -135,22 +152,31 @@ def worker(cfg: dict) -> dict | None:
     x = np.random.default_rng(100 + me).standard_normal((t, h), dtype=np.float32)
     routes = {r: route(r, t, x_n, k, cfg["zipf_s"], 1000 * me + 7) for r in cfg["routings"]}
     for r in cfg["routings"]:  # warm-up, and correctness of the round trip
-        back, _, _ = exchange(group, x, routes[r], x_n)
-        if not np.array_equal(back, np.repeat(x, k, axis=0)):
-            raise AssertionError(f"{r}: rows did not come back unchanged")
+        for dedupe in (True, False):
+            back = exchange(group, x, routes[r], x_n, dedupe)
+            if not np.allclose(back, x, rtol=1e-5, atol=1e-5):
+                raise AssertionError(f"{r} dedupe={dedupe}: rows did not come back unchanged")
+    row_bytes = h * 4 + 8 * k
     facts = {}
-    for r in cfg["routings"]:  # bytes and load: one exchange per routing
-        ledger.reset()
-        _, send_counts, recv_counts = exchange(group, x, routes[r], x_n)
+    for r in cfg["routings"]:  # bytes and load: one exchange per routing and mode
+        sent = {}
+        for dedupe in (False, True):
+            ledger.reset()
+            exchange(group, x, routes[r], x_n, dedupe)
+            sent[dedupe] = (ledger.sent("ep_dispatch"), ledger.sent("ep_combine"))
+        rows, counts = packed_rows(x, routes[r], x_n, ep)
+        pairs_in = world.allreduce(np.bincount(routes[r].ravel() // (x_n // ep), minlength=ep))
         facts[r] = {
-            "counts_row": world.allgather(send_counts.tolist()),  # [src][dst]
-            "dispatch_sent": world.allgather(ledger.sent("ep_dispatch")),
-            "combine_sent": world.allgather(ledger.sent("ep_combine")),
-            "rows_received": world.allgather(int(recv_counts.sum())),
+            "dispatch_sent": world.allgather(sent[True][0]),
+            "combine_sent": world.allgather(sent[True][1]),
+            "dispatch_no_dedupe": world.allgather(sent[False][0]),
+            "exact": world.allgather(exact_rows(routes[r], x_n, ep, me, True) * row_bytes),
+            "exact_no_dedupe": world.allgather(
+                exact_rows(routes[r], x_n, ep, me, False) * row_bytes),
+            "pairs_per_rank": pairs_in.tolist(),
             "pairs_per_expert": world.allreduce(
                 np.bincount(routes[r].ravel(), minlength=x_n)).tolist(),
-            "sorted_rows": x[np.argsort(routes[r].ravel(), kind="stable") // k],
-            "send_counts": send_counts}
+            "packed": rows, "send_counts": counts}
 
     def timed(fn):  # max over ranks of one call, median of ``inner`` calls
         out = []
@@ -166,7 +192,7 @@ def worker(cfg: dict) -> dict | None:
         for r in cfg["routings"]:
             f = facts[r]
             out["ours " + r] = timed(lambda r=r: exchange(group, x, routes[r], x_n))
-            out["mpi " + r] = timed(lambda f=f: mpi_alltoallv(world, f["sorted_rows"],
+            out["mpi " + r] = timed(lambda f=f: mpi_alltoallv(world, f["packed"],
                                                               f["send_counts"], h))
         return out
 
@@ -178,20 +204,22 @@ def worker(cfg: dict) -> dict | None:
     records = []
     for r in cfg["routings"]:
         f = facts[r]
-        exact = [ep_alltoall_bytes(f["counts_row"], i, h, 4)["dispatch"].sent
-                 for i in range(ep)]
-        rows, pairs = np.array(f["rows_received"]), np.array(f["pairs_per_expert"])
+        rows, pairs = np.array(f["pairs_per_rank"]), np.array(f["pairs_per_expert"])
         records.append({
             "routing": r, "ep": ep, "ranks": ep,
             "oversubscribed": ep > (os.cpu_count() or 1),
             "tokens_per_rank": t, "hidden": h, "experts": x_n, "top_k": k,
+            "row_bytes": row_bytes,
             "dispatch_bytes_per_rank": f["dispatch_sent"],
+            "dispatch_bytes_no_dedupe_per_rank": f["dispatch_no_dedupe"],
             "combine_bytes_per_rank": f["combine_sent"],
-            "exact_bytes_per_rank": exact,
+            "exact_bytes_per_rank": f["exact"],
+            "exact_bytes_no_dedupe_per_rank": f["exact_no_dedupe"],
             "seed_bytes_per_rank": seed_rank,
             "uniform_expected_bytes_per_rank": uniform_rank,
             "max_over_seed": max(f["dispatch_sent"]) / seed_rank,
-            "rows_received_per_rank": f["rows_received"],
+            "max_over_seed_no_dedupe": max(f["dispatch_no_dedupe"]) / seed_rank,
+            "pairs_per_rank": f["pairs_per_rank"],
             "rank_imbalance": float(rows.max() / rows.mean()),
             "expert_imbalance": float(pairs.max() / pairs.mean()),
             "time_s": res["median"]["ours " + r],
@@ -231,17 +259,22 @@ def parse_args(argv):
 
 
 def table(records) -> str:
-    lines = [" ep | routing    | dispatch MB/rank max | seed MB/rank | max/seed | exact ok |"
-             " rank max/mean | expert max/mean | time ms | MPI Alltoallv ms",
-             "----+------------+----------------------+--------------+----------+----------+"
-             "---------------+-----------------+---------+-----------------"]
+    lines = [" ep | routing    | seed MB/rank | per pair MB/rank max | dedupe MB/rank max |"
+             " dedupe/seed | exact ok | rank max/mean | expert max/mean | time ms |"
+             " MPI Alltoallv ms",
+             "----+------------+--------------+----------------------+--------------------+"
+             "-------------+----------+---------------+-----------------+---------+"
+             "-----------------"]
     for r in records:
-        ok = "yes" if r["dispatch_bytes_per_rank"] == r["exact_bytes_per_rank"] else "NO"
+        ok = "yes" if (r["dispatch_bytes_per_rank"] == r["exact_bytes_per_rank"] and
+                       r["dispatch_bytes_no_dedupe_per_rank"] ==
+                       r["exact_bytes_no_dedupe_per_rank"]) else "NO"
         mark = " (oversubscribed)" if r["oversubscribed"] else ""
         lines.append(
-            f" {r['ep']:2d} | {r['routing']:10s} | {max(r['dispatch_bytes_per_rank']) / 1e6:20.3f}"
-            f" | {r['seed_bytes_per_rank'] / 1e6:12.3f} | {r['max_over_seed']:8.3f} | {ok:8s} |"
-            f" {r['rank_imbalance']:13.2f} | {r['expert_imbalance']:15.2f} |"
+            f" {r['ep']:2d} | {r['routing']:10s} | {r['seed_bytes_per_rank'] / 1e6:12.3f} |"
+            f" {max(r['dispatch_bytes_no_dedupe_per_rank']) / 1e6:20.3f} |"
+            f" {max(r['dispatch_bytes_per_rank']) / 1e6:18.3f} | {r['max_over_seed']:11.3f} |"
+            f" {ok:8s} | {r['rank_imbalance']:13.2f} | {r['expert_imbalance']:15.2f} |"
             f" {1e3 * r['time_s']:7.2f} | {1e3 * r['mpi_alltoallv_s']:16.2f}{mark}")
     return "\n".join(lines)
 
@@ -267,9 +300,10 @@ def main(argv=None) -> int:
     print(table(records))
     print(load_note(records))
     print("seed = top_k*h*b/l per token of the EP group = k*h*b*T per rank (self-copies "
-          "included); uniform routing moves (l-1)/l of it.\ntime: counts + dispatch + "
-          "combine, max over ranks; MPI Alltoallv: the same round trip with MPI's own "
-          "Alltoall/Alltoallv")
+          "included); per pair: one row per (token, expert) on another rank; dedupe (what "
+          "mpipar sends): one row per (token, other rank it needs); a row is h*b + 8k bytes "
+          "(k slot ids and weights).\ntime: counts + dispatch + combine, max over ranks; "
+          "MPI Alltoallv: the same round trip with MPI's own Alltoall/Alltoallv")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "ep_dispatch", "machine": meta, "mpi": mpi,

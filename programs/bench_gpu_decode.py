@@ -142,12 +142,13 @@ def step_weight_bytes(model, batch: int) -> float:
     c, total = model.config, 0.0
     for b in model.blocks:
         arrays = [b.norm1, b.norm2, *vars(b.attn).values()]
-        arrays += [b.router] if b.moe else list(b.mlp)
+        arrays += [b.moe.router] if b.moe else list(b.mlp)
         total += sum(a.nbytes for a in arrays)
         if b.moe:
             used = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** batch)
-            per_expert = sum(a.nbytes for w in b.experts for a in w) / max(len(b.experts), 1)
-            total += per_expert * used * len(b.experts) / c.num_experts
+            slots = b.moe.slots  # this rank's experts (or expert slices)
+            per_expert = sum(a.nbytes for w in slots for a in w) / max(len(slots), 1)
+            total += per_expert * used * len(slots) / c.num_experts
     head = model.head
     if model.plan.last_stage:
         total += head.lm_head.nbytes + head.norm.nbytes

@@ -15,8 +15,8 @@ b = 4 bytes, n = tp, L = layers of the rank's stage:
   tp_allreduce  (2L - L_moe_ep) ring all-reduces of h*b: each 2(n-1)/n * h*b
   tp_allgather  L_moe_ep all-gathers of the EP shares: (n-1)/n * h*b (ep > 1)
   pp_send       one activation h*b per stage boundary (stages s < pp-1)
-  ep_alltoall   dispatch + combine per MoE layer: 2 * top_k*h*b/l per token of the
-                EP group = 2*top_k*h*b/n per replica token (self-copies counted)
+  ep_dispatch   per MoE layer: top_k*h*b/l per token of the EP group = top_k*h*b/n
+                per replica token (self-copies counted); ep_combine the same again
 Column "exact" is mpipar.parallel.predict (the same formulas with the chunk rounding of
 the ring and the routing the run saw); measured == exact is checked on every rank.
 Where the ratio to the seed is not 1.00, the output says why (chunk rounding, the
@@ -39,7 +39,7 @@ mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 from mpipar.benchkit import launch_worker, worker_main  # noqa: E402
 
 HERE = os.path.abspath(__file__)
-SEED_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "ep_alltoall")
+SEED_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "ep_dispatch", "ep_combine")
 WHY = {
     "tp_allreduce": "ring 2(n-1)/n of [N,h]; != 1 through chunk rounding (n does not divide "
                     "N*h), or below comm/ring.py's RECURSIVE_DOUBLING_MAX_BYTES, where "
@@ -48,9 +48,12 @@ WHY = {
     "tp_allgather": "EP token shares split(N, n): uneven when n does not divide N, so a "
                     "rank sends more or less than (n-1)/n",
     "pp_send": "one activation [N,h] per boundary: exact",
-    "ep_alltoall": "the seed counts the k copies of every token, self-copies included, "
-                   "under uniform routing; only rows whose expert lives on another rank "
-                   "move: (l-1)/l of the seed on average, and the rest depends on routing",
+    "ep_dispatch": "the seed counts k copies of every token, self-copies included; mpipar "
+                   "sends a token once per OTHER rank holding one of its experts (DeepEP's "
+                   "dedupe), each row h*b + 8k bytes (k slot ids and weights): below the "
+                   "seed, by how much depends on routing (bench_ep_dispatch.py)",
+    "ep_combine": "one [h] row back per dispatched row (summed over the rank's experts): "
+                  "as ep_dispatch without the 8k bytes",
     "tp_embed": "not in the seed: vocab-parallel embedding, one all-reduce of [N,h] on "
                 "stage 0 (2(n-1)/n*h*b per token)",
     "tp_argmax": "not in the seed: greedy pick over the vocab-parallel head, all-gather of "
@@ -58,11 +61,12 @@ WHY = {
     "tp_logits": "not in the seed: full logits all-gathered (only with --check/--save-logits)",
     "pp_tokens": "not in the seed: token ids last stage -> stage 0, 8 bytes per sequence "
                  "per decode step",
-    "ep_counts": "not in the seed: per-expert counts, X/l int64 to each peer per MoE layer "
-                 "and forward, whatever the number of tokens",
-    "ep_alltoall_counts": "not in the seed: the row counts every Alltoallv exchanges first, "
-                          "8 bytes to each peer per call",
-    "ep_counts_counts": "not in the seed: the same count exchange, of the ep_counts call",
+    "ep_counts": "not in the seed: one int64 row count to each peer per MoE layer and "
+                 "forward, whatever the number of tokens",
+    "eplb_load": "not in the seed: EPLB, per rebalance an all-reduce of [MoE layers, X] "
+                 "int64 expert loads over the EP group",
+    "eplb_weights": "not in the seed: EPLB, whole expert copies (3*h*m*b) moved per "
+                    "rebalance",
     "result": "not model traffic: results to world rank 0 at the end",
 }
 
@@ -85,7 +89,7 @@ def seed_per_token(config, layout, coords) -> dict:
 
 def one_run(model, prompts, new_tokens):
     """generate() with a fresh ledger and workload record -> (sent by kind, predicted)."""
-    from mpipar.parallel.ep import RoutingStats
+    from mpipar.parallel.moe import RoutingStats
     from mpipar.parallel.predict import predict_rank
     model.comms.ledger.reset()
     model.forward_tokens = []

@@ -10,7 +10,7 @@ One row per rank (world rank 0 on top), three lanes in each row:
             pipeline stages and prefill chunks the same colour steps down the rows
             diagonally, one stage later each;
   compute   attention and MLP spans;
-  comm      every communication kind (tp_allreduce, pp_send, pp_recv, ep_alltoall,
+  comm      every communication kind (tp_allreduce, pp_send, pp_recv, ep_dispatch,
             ...) in its own colour; a receive that waits shows how long the stage idled,
             and a non-blocking send (pp_send) lasts from its isend to the wait that
             completes it, so it overlaps the compute of the next chunk.

@@ -78,3 +78,18 @@ def test_counts_exchange_and_errors():
         alltoallv(g, np.zeros((3, 2)), [1] * n if n != 3 else [2] * n)
     with pytest.raises(ValueError):
         exchange_counts(g, [1] * (n + 1))
+
+
+def test_known_recv_counts_skip_the_count_exchange():
+    """A combine passes the dispatch's counts back: one MPI call, no ``_counts`` entry."""
+    g = Group(WORLD, "ep", Ledger())
+    n, r = g.size, g.rank
+    send, counts = rows(r, n, 0, (3,), np.float32)
+    recv, rc = alltoallv(g, send, counts)
+    g.ledger.reset()
+    back, rc2 = alltoallv(g, recv, rc, recv_counts=counts)
+    np.testing.assert_array_equal(back, send)
+    assert list(rc2) == list(counts)
+    assert "ep_alltoall_counts" not in g.ledger.totals()
+    with pytest.raises(ValueError):
+        alltoallv(g, recv, rc, recv_counts=[1] * (n + 1))

@@ -66,13 +66,17 @@ def test_ep_dispatch(tmp_path):
     assert set(by) == {"uniform", "zipf", "all-to-one"}
     for r in by.values():
         assert r["dispatch_bytes_per_rank"] == r["exact_bytes_per_rank"]
-        assert r["combine_bytes_per_rank"] == r["dispatch_bytes_per_rank"][::-1]  # ep=2
+        assert r["dispatch_bytes_no_dedupe_per_rank"] == r["exact_bytes_no_dedupe_per_rank"]
+        rows = [b // r["row_bytes"] for b in r["dispatch_bytes_per_rank"]]
+        assert r["combine_bytes_per_rank"] == [n * r["hidden"] * 4 for n in rows[::-1]]  # ep=2
         assert positive(r["time_s"]) and r["rank_imbalance"] >= 1.0
-    # all-to-one: rank 0 keeps its rows, rank 1 sends all k*T rows; rank 0 gets everything
+    # all-to-one: rank 0 keeps its rows; rank 1 sends each token once (all k experts are
+    # on rank 0), or k times without dedupe; rank 0 computes every pair
     a = by["all-to-one"]
     t, h, k = a["tokens_per_rank"], a["hidden"], a["top_k"]
-    assert a["dispatch_bytes_per_rank"] == [0, t * k * h * 4]
-    assert a["rank_imbalance"] == 2.0 and a["max_over_seed"] == 1.0
+    assert a["dispatch_bytes_per_rank"] == [0, t * (h * 4 + 8 * k)]
+    assert a["dispatch_bytes_no_dedupe_per_rank"] == [0, t * k * (h * 4 + 8 * k)]
+    assert a["rank_imbalance"] == 2.0 and a["max_over_seed"] < 1.0
 
 
 def test_ledger(tmp_path):
@@ -131,3 +135,16 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert len(decode) == 8 and all("ms/token" in v and "% of roofline" in v
                                     for v in decode.values()), decode
     assert any(k.startswith("all-reduce busbw, ring, 4 ranks") for k in rec["facts"])
+
+
+def test_eplb(tmp_path):
+    rec, text = bench("bench_eplb", tmp_path, "--ep", "2")
+    got = {(r["routing"], r["redundant"]) for r in rec["records"]}
+    assert got == {(a, r) for a in ("zipf", "all-to-one") for r in (0, 2, 4)}
+    for r in rec["records"]:
+        assert r["max_over_mean_after"] <= r["max_over_mean_before"] + 1e-9, r
+        assert r["bytes_per_rebalance"] == r["copies_moved"] * r["copy_bytes"]
+        assert positive(r["moe_time_ratio"]) and r["ep"] == 2
+    a2o = [r for r in rec["records"] if r["routing"] == "all-to-one"]
+    assert all(r["max_over_mean_before"] == 2.0 and r["max_over_mean_after"] < 1.1 for r in a2o)
+    assert "max/mean" in text

@@ -22,7 +22,7 @@ from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.sampling import Sampler
 from mpipar.parallel.engine import ParallelModel
 
-MODULES = ("mpipar.model.layers", "mpipar.parallel.ep", "mpipar.parallel.tp",
+MODULES = ("mpipar.model.layers", "mpipar.parallel.moe", "mpipar.parallel.tp",
            "mpipar.parallel.engine")
 
 

@@ -136,7 +136,7 @@ def parallel_layer_rounding(world, model, folder) -> float:
     """eps1 of this layout's blocks (collective): each block fed the float32 input."""
     from mpi4py import MPI
 
-    from mpipar.parallel.ep import RoutingStats
+    from mpipar.parallel.moe import RoutingStats
     f32 = ReferenceModel(_source(folder))
     ids, segments = pack(prompts_of(folder))
     outs = []

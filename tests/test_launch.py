@@ -37,6 +37,7 @@ def fixture_args(fixtures_dir, name):
     ("qwen3-tiny", "--dp 2 --pp 2"),
     ("qwen3-moe-tiny", "--tp 2 --dp 2 --ep 4 --prefill-chunks 3"),
     ("qwen3-moe-tiny", "--pp 4 --prefill-chunks 6"),
+    ("qwen3-moe-tiny", "--tp 2 --dp 2 --ep 4 --redundant-experts 4 --eplb-window 2"),
 ])
 def test_four_ranks_on_fixtures(fixtures_dir, tmp_path, name, layout):
     args, ref = fixture_args(fixtures_dir, name)
@@ -62,12 +63,12 @@ def test_many_ranks(fixtures_dir, tmp_path, n, layout, model):
     assert rec["check"] == "pass"
     assert rec["layout"]["world"] == n
     ledger = rec["ledger"]
-    for kind in ("tp_allreduce", "pp_send", "ep_alltoall"):
+    for kind in ("tp_allreduce", "pp_send", "ep_counts", "ep_dispatch", "ep_combine"):
         if kind in ledger:
             assert ledger[kind]["measured_bytes"] == ledger[kind]["predicted_bytes"], kind
     if "--ep 8" in layout:  # every rank takes part in dispatch, prompts or not
         assert all(b > 0 for b in ledger["ep_counts"]["measured_bytes"])
-        assert sum(ledger["ep_alltoall"]["measured_bytes"]) > 0
+        assert sum(ledger["ep_dispatch"]["measured_bytes"]) > 0
 
 
 @pytest.mark.parametrize("n, args, message", [
@@ -76,6 +77,8 @@ def test_many_ranks(fixtures_dir, tmp_path, n, layout, model):
     (4, ["--tp", "4", "--ep", "4", "--preset", "bench-166m"], "dense"),
     (4, ["--pp", "4", "--model", "/nonexistent/model"], "/nonexistent/model"),
     (2, ["--tp", "2", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (2, ["--tp", "2", "--ep", "2", "--redundant-experts", "1"], "do not divide by ep=2"),
+    (2, ["--tp", "2", "--redundant-experts", "2", "--preset", "bench-166m"], "dense"),
 ])
 def test_bad_input_one_message_quick_exit(n, args, message):
     t = time.monotonic()

@@ -1,7 +1,7 @@
 """Communication ledger: bytes sent/received and seconds spent, per kind, per rank.
 
 Every collective in ``mpipar.comm`` records into the ledger of the group it runs on.
-Kinds are strings such as ``tp_allreduce``, ``pp_send``, ``ep_alltoall``; the engine
+Kinds are strings such as ``tp_allreduce``, ``pp_send``, ``ep_dispatch``; the engine
 compares the totals with ``mpipar.costmodel``. With ``trace=True`` the ledger also keeps
 timed spans (communication and compute) for a Chrome trace.
 """

@@ -29,7 +29,8 @@ from ..comm.p2p import recv_array, send_array
 from ..model.finite import FiniteWatch
 from ..model.layers import pack
 from ..model.sampling import Generation, Sampler, pad_prompt_logits
-from .ep import RoutingStats
+from .eplb import EPLBOptions, ExpertBalancer, initial_placement
+from .moe import RoutingStats
 from .pp import Pipeline, chunk_prompts
 from .shard import make_plan, split
 from .tp import TPBlock, VocabParallelHead
@@ -40,12 +41,17 @@ TAG_RESULT = 21
 class ParallelModel:
     """This rank's part of the model: its stage's layers, TP/EP-sliced, and its vocab."""
 
-    def __init__(self, comms, source, xp=np, dtype="float32"):
+    def __init__(self, comms, source, xp=np, dtype="float32", eplb: EPLBOptions | None = None):
         self.comms, self.xp = comms, xp
         self.config = config = source.config
         self.dtype = dt = compute_dtype(dtype, xp, config.dtype)
         self.plan = plan = make_plan(config, comms.layout, comms.world.rank)
-        self.blocks = [TPBlock(source, config, plan, i, comms, xp, dt) for i in plan.layers]
+        eplb = eplb or EPLBOptions()
+        slots = initial_placement(config.num_experts, eplb.redundant_experts,
+                                  comms.layout.ep) if comms.layout.ep > 1 else None
+        self.blocks = [TPBlock(source, config, plan, i, comms, xp, dt, slots)
+                       for i in plan.layers]
+        self.balancer = ExpertBalancer([b.moe for b in self.blocks], comms, eplb.window)
         self.head = VocabParallelHead(source, config, plan, comms, xp,
                                       embed=plan.first_stage, head=plan.last_stage, dtype=dt)
         self.pipe = Pipeline(comms)
@@ -66,8 +72,8 @@ class ParallelModel:
                 self.watch.check(x, block.layer)
         if not self.pipe.last:
             self.pipe.send_activation(x)
-            return None, segments
-        return x, segments
+        self.balancer.forward_done(self.stats)  # every N forwards: re-place experts
+        return (x if self.pipe.last else None), segments
 
     def pick(self, x_rows, sampler, keep_logits, seq_ids, step):
         """Last stage: x rows [B, h] -> (tokens [B], full logits [B, V] or None)."""
@@ -200,14 +206,12 @@ class ParallelModel:
             "coords": vars(self.comms.coords),
             "layers": [self.plan.layers.start, self.plan.layers.stop],
             "experts": [self.plan.experts.start, self.plan.experts.stop],
+            "expert_slots": next((b.moe.local_experts() for b in self.blocks if b.moe), []),
             "kv_heads": [self.plan.kv_heads.start, self.plan.kv_heads.stop],
             "kv_replication": self.plan.kv_replication,
             "ledger": self.comms.ledger.totals(),
             "forward_tokens": self.forward_tokens,
-            "expert_pairs": self.stats.per_expert().tolist(),
-            "rows_received": self.stats.rows_received,
-            "rows_from_others": self.stats.rows_from_others,
-            "rows_sent_away": self.stats.rows_sent_away,
+            **self.stats.report(),
             "n_seqs": self.n_seqs,
             "decode_steps": self.decode_steps,
             "kv_cache_bytes": self.kv_cache_bytes,

@@ -10,13 +10,18 @@ dtype: 4 for float32, 2 for bfloat16/float16, which travel as 16 bits):
     tp_embed      stage 0: 1 all-reduce of N*h (vocab-parallel embedding)
     pp_send       stage s < P-1: N*h*b (one activation per boundary)
     pp_tokens     last stage, P > 1: 8 bytes per sequence per decode step but the last
-    ep_alltoall   (rows dispatched to other ranks + rows returned to other ranks) * h*b
+    ep_counts     8(E-1) per MoE layer (ep > 1) and forward: one int64 row count per peer
+    ep_dispatch   token rows sent to other EP ranks * (h*b + 8k): one row per (token,
+                  destination rank), with k (slot, weight) pairs (moe.py)
+    ep_combine    rows returned to other ranks * h*b
+    eplb_load     per rebalance: an all-reduce of [L_moe, X] int64 over the EP group
+    eplb_weights  expert copies sent in rebalances * 3*h*m*b_weights (eplb.py)
 
 Each collective's bytes come from the exact formula of the algorithm it takes
 (``comm.ring.allreduce_bytes``): a prefill's all-reduce of S bytes goes by the ring,
 2(T-1)/T * S up to chunk rounding; a decode step's (a few KiB, below
 RECURSIVE_DOUBLING_MAX_BYTES) by recursive doubling, log2(T) * S for T a power of two.
-Kinds the seed's model does not cover (tp_argmax, tp_logits, ep_counts, result) are not predicted.
+Kinds the seed's model does not cover (tp_argmax, tp_logits, result) are not predicted.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..costmodel import dtype_size
 from .shard import split
 
 PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send", "pp_tokens",
-                   "ep_alltoall")
+                   "ep_counts", "ep_dispatch", "ep_combine", "eplb_load", "eplb_weights")
 
 
 def allgather_bytes(chunk_bytes: list, rank: int) -> tuple[int, int]:
@@ -58,6 +63,12 @@ def predict_rank(config, layout, r: dict) -> dict:
             out["pp_send"] += n * h * b
     if co["pp"] == layout.pp - 1 and layout.pp > 1:
         out["pp_tokens"] = 8 * r["n_seqs"] * r["decode_steps"]
-    if layout.ep > 1:
-        out["ep_alltoall"] = (r["rows_sent_away"] + r["rows_from_others"]) * h * b
+    if moe_ep:
+        e, k = layout.ep, config.num_experts_per_tok
+        out["ep_counts"] = 8 * (e - 1) * moe_ep * len(r["forward_tokens"])
+        out["ep_dispatch"] = r["rows_sent_away"] * (h * b + 8 * k)
+        out["ep_combine"] = r["rows_from_others"] * h * b
+        out["eplb_load"] = r["eplb_rebalances"] * allreduce_bytes(
+            moe_ep * config.num_experts, 8, e, co["ep"])[0]
+        out["eplb_weights"] = r["eplb_copies_sent"] * r["eplb_copy_bytes"]
     return out

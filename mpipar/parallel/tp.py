@@ -14,8 +14,9 @@ S = N*h*itemsize bytes. A prefill's (S above 256 KiB) takes the ring: a rank sen
 latency-bound: a rank sends log2(T) * S for T a power of two, not 2(T-1)/T * S
 (``comm.ring``: ``auto`` and ``allreduce_bytes``).
 
-With expert parallelism (ep > 1) the MoE block ends with an all-gather of token shares
-instead of the second all-reduce (see ep.py).
+A sparse layer's MLP is an ``MoE`` (moe.py: router, experts, dispatch, combine); with
+expert parallelism (ep > 1) it ends with an all-gather of token shares instead of the
+second all-reduce.
 
 Vocab-parallel embedding and lm_head: rank t holds rows ``vocab chunk t``. Embedding:
 look up the ids it holds, zeros elsewhere, one all-reduce (kind ``tp_embed``). Head:
@@ -32,7 +33,7 @@ from ..backend import to_host
 from ..comm.ring import ring_allgather, ring_allreduce
 from ..model import layers as L
 from ..model.layers import layer_prefix
-from . import ep as ep_mod
+from .moe import MoE
 from .shard import split
 
 
@@ -46,7 +47,9 @@ def allreduce(tp, x, kind=None):
 class TPBlock:
     """One decoder layer, holding this rank's slice (see ShardPlan)."""
 
-    def __init__(self, source, config, plan, layer: int, comms, xp, dtype=np.float32):
+    def __init__(self, source, config, plan, layer: int, comms, xp, dtype=np.float32,
+                 slot_expert=None):
+        """``slot_expert``: the layer's first expert placement when ep > 1 (eplb.py)."""
         self.config, self.plan, self.layer, self.comms, self.xp = config, plan, layer, comms, xp
         self.dtype = dtype  # weights, activations and KV cache (model/layers.py)
         d, p = config.head_dim, layer_prefix(layer)
@@ -65,16 +68,9 @@ class TPBlock:
             read("self_attn.v_proj.weight", (kv, all_cols)),
             read("self_attn.o_proj.weight", (all_cols, q)),
             read("self_attn.q_norm.weight"), read("self_attn.k_norm.weight"))
-        self.moe = config.is_moe_layer(layer)
-        if self.moe:
-            self.router = read("mlp.gate.weight")  # [X, h], replicated
-            i = slice(plan.expert_inter.start, plan.expert_inter.stop)
-            self.experts = [
-                (read(f"mlp.experts.{e}.gate_proj.weight", (i, all_cols)),
-                 read(f"mlp.experts.{e}.up_proj.weight", (i, all_cols)),
-                 read(f"mlp.experts.{e}.down_proj.weight", (all_cols, i)))
-                for e in plan.experts]
-        else:
+        self.moe = MoE(source, config, plan, layer, comms, xp, slot_expert, dtype) \
+            if config.is_moe_layer(layer) else None
+        if self.moe is None:
             i = slice(plan.inter.start, plan.inter.stop)
             self.mlp = (read("mlp.gate_proj.weight", (i, all_cols)),
                         read("mlp.up_proj.weight", (i, all_cols)),
@@ -95,15 +91,9 @@ class TPBlock:
         x = x + allreduce(tp, a)
         with ledger.span("mlp"):
             h = L.rms_norm(xp, x, self.norm2, c.rms_norm_eps)
-            if not self.moe:
+            if self.moe is None:
                 return x + allreduce(tp, L.swiglu(xp, h, *self.mlp))
-            if self.comms.layout.ep == 1:
-                experts, weights = L.router_topk(xp, h, self.router, c.num_experts_per_tok,
-                                                 c.norm_topk_prob)
-                stats.count_routing(self.layer, experts, share_of=tp, xp=xp)
-                return x + allreduce(tp, L.experts_forward(xp, h, experts, weights,
-                                                           self.experts))
-        return x + ep_mod.moe_forward(self, h, stats)
+            return x + self.moe.forward(h, stats)
 
 
 class VocabParallelHead:
