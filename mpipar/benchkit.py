@@ -252,19 +252,18 @@ def link_figures(group, small: int = 1024, large: int = 4 << 20,
             "small_s": ts, "large_s": tl, "small_bytes": small, "large_bytes": large}
 
 
-def machine_figures(group, rows=(1, 2, 4, 8, 16, 64, 256, 1024)) -> dict | None:
+def machine_figures(group, rows=(1, 2, 4, 8, 16, 64, 256, 1024), mib: int = 256) -> dict | None:
     """This machine's figures with every rank of ``group`` measuring at once (so shared
     memory bandwidth is shared as in a run of that many ranks): rank 0's sgemm rates,
-    read and copy bandwidth, and the link between ranks 0 and 1 (size > 1).
-    Collective; rank 0 gets the dict."""
+    read and copy bandwidth (``mib`` MiB buffers), and the link between ranks 0 and 1
+    (size > 1). Collective; rank 0 gets the dict."""
     from .comm.control import barrier
     barrier(group)
-    rates = sgemm_rates(rows)
-    read, copy = read_bandwidth(), copy_bandwidth()
+    rates = sgemm_rates(rows, mib=mib)
+    read, copy = read_bandwidth(mib), copy_bandwidth(mib)
     barrier(group)
     link = link_figures(group) if group.size > 1 else None
     if group.rank != 0:
         return None
     return {"ranks": group.size, "matmul_flops_by_rows": rates, "mem_read_Bps": read,
             "copy_Bps": copy, "link": link}
-

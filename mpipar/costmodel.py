@@ -47,7 +47,7 @@ Work of one forward (the time model's inputs, ``forward_matmuls``, ``attention_w
   Experts: a MoE layer's T routed tokens pick k of E experts each, so under uniform
   routing an expert is hit by at least one token with probability 1 - (1 - k/E)**T
   and gets T*k/E rows on average; only hit experts run (and are read). With ep > 1 a
-  rank holds E/l experts and serves the T = l*ceil(N/t) tokens of its EP group.
+  rank holds E/l experts and serves the T = l*N/t tokens of its EP group.
   Causal attention of q new tokens after c cached ones, queries in blocks of B rows
   (``model.layers.causal_gqa_attention``): the block ending at query i1 scores c + i1
   keys, so FLOPs = 4 * Hq_l * d * sum_blocks rows * (c + i1) (QK^T and PV); the KV
@@ -328,7 +328,7 @@ def forward_matmuls(config, layout, stage: int, tokens: int, logit_rows: int = 0
         share = len(split(n, t, 0)) if layout.ep > 1 else n
         out["router"] = (share, p["router"], 1)
         held = c.num_experts // layout.ep if layout.ep > 1 else c.num_experts
-        routed = share * layout.ep if layout.ep > 1 else n  # tokens the experts serve
+        routed = n * layout.ep / t if layout.ep > 1 else n  # tokens the experts serve
         hit = experts_hit(c.num_experts, c.num_experts_per_tok, routed)  # of all E
         if hit:
             rows = routed * c.num_experts_per_tok / hit  # per hit expert, mean

@@ -14,9 +14,10 @@ tokens (its DP replica's):
              of S/n, recursive doubling (S <= SMALL_MAX_BYTES) log2(n) of S; time =
              messages * latency + bytes sent / bandwidth of the TP link (intra-node
              when the group is inside a node)
-  EP         per MoE layer a count exchange and two Alltoallv of the predicted rows:
-             3 (l-1) latencies + bytes / link; the experts' products use the most
-             loaded rank's rows (mean * ``ep_imbalance``): the step waits for it
+  EP         per MoE layer a count exchange and two Alltoallv of the predicted rows
+             (each posts all its messages at once): 3 latencies + bytes / link;
+             the experts' products use the most loaded rank's rows (mean *
+             ``ep_imbalance``): the step waits for it
   PP         a boundary carries N*h*b: latency + bytes / link (inter-node when the two
              stages sit on different nodes)
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 from . import costmodel as cm
@@ -113,7 +115,7 @@ def machine_names() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(MACHINES) if f.endswith(".json"))
 
 
-def load_machine(name_or_path: str, ranks: int = 1) -> Machine:
+def load_machine(name_or_path: str) -> Machine:
     """A name in mpipar/machines/ (``h100-node``) or a path to such a JSON file."""
     path = name_or_path if name_or_path.endswith(".json") else \
         os.path.join(MACHINES, name_or_path + ".json")
@@ -121,7 +123,7 @@ def load_machine(name_or_path: str, ranks: int = 1) -> Machine:
         raise ValueError(f"machine {name_or_path!r}: no {path} (known: "
                          f"{', '.join(machine_names())})")
     with open(path, encoding="utf-8") as f:
-        return machine_from_dict(json.load(f), ranks)
+        return machine_from_dict(json.load(f))
 
 
 def machine_from_figures(name: str, figs: dict) -> dict:
@@ -191,9 +193,9 @@ def forward_time(machine: Machine, config, layout, stage: int, pieces: list, cac
         m, p, k = prods["experts"]
         prods["experts"] = (m * ep_imbalance, p, k)
     out = {"products": products_time(machine, prods.values(), itemsize),
-           "attention": len(layers) * sum(attention_time(machine, config, layout, q, c,
-                                                         itemsize)
-                                          for q, c in zip(pieces, cached, strict=True)),
+           "attention": len(layers) * sum(
+               times * attention_time(machine, config, layout, q, c, itemsize)
+               for (q, c), times in Counter(zip(pieces, cached, strict=True)).items()),
            "tp": 0.0, "ep": 0.0}
     moe = sum(1 for i in layers if config.is_moe_layer(i)) if layout.ep > 1 else 0
     if n == 0:
@@ -214,9 +216,9 @@ def forward_time(machine: Machine, config, layout, stage: int, pieces: list, cac
         out["tp"] = calls * allreduce_time(link, n * h * itemsize, t)
         if pred["tp_allgather"]:  # ring all-gather of the token shares: t-1 messages
             out["tp"] += link.message(pred["tp_allgather"] * scale, (t - 1) * moe)
-    if moe:  # count exchange + dispatch + combine per layer; sent = received
+    if moe:  # count exchange + dispatch + combine per layer (all peers at once)
         out["ep"] = ep_link(layout, machine).message(
-            pred["ep_alltoall"] * scale / 2 * ep_imbalance, 3 * (layout.ep - 1) * moe)
+            pred["ep_alltoall"] * scale / 2 * ep_imbalance, 3 * moe)
     out["total"] = sum(out.values())
     return out
 
@@ -302,3 +304,24 @@ def throughput(machine: Machine, config, layout, batch: int, context: int,
     full = decode_step(machine, config, layout, batch, context, itemsize)["total"]
     step = min(full, max(P * max(one["stages"]), one["total"])) if P > 1 else full
     return layout.dp * batch / step
+
+
+def layout_times(machine: Machine, config, layout, kv_tokens: int, prompt_len: int,
+                 batch: int, new_tokens: int, itemsize: int, chunks: int = 0) -> dict:
+    """The planner's time columns of one layout: TTFT of ``batch`` prompts of
+    ``prompt_len`` (in ``chunks`` chunks; 0: the best of 1, 2P, 4P, 8P), TPOT at
+    ``batch`` (mean context prompt + new/2), the largest batch per replica whose KV
+    cache (prompt + new tokens each) fits in ``kv_tokens``, and the tokens/s there."""
+    P = layout.pp
+    options = [chunks] if chunks else sorted({1, 2 * P, 4 * P, 8 * P} if P > 1 else {1})
+    ttfts = {k: ttft(machine, config, layout, prompt_len, batch, k, itemsize)
+             for k in options if k <= prompt_len}
+    best = min(ttfts, key=ttfts.get)
+    context = prompt_len + new_tokens
+    max_batch = kv_tokens // context
+    return {"ttft_s": ttfts[best], "prefill_chunks": best,
+            "tpot_s": tpot(machine, config, layout, batch, prompt_len + new_tokens // 2,
+                           itemsize),
+            "max_batch": max_batch,
+            "tokens_per_s": throughput(machine, config, layout, max_batch,
+                                       prompt_len + new_tokens // 2, itemsize)}

@@ -85,7 +85,8 @@ def worker(cfg: dict) -> dict | None:
     world = MPI.COMM_WORLD
     if cfg["task"] == "machine":
         from mpipar.benchkit import machine_figures
-        return machine_figures(Group(world, "world", Ledger()))
+        small = {"rows": (1, 16), "mib": 16} if cfg.get("quick") else {}
+        return machine_figures(Group(world, "world", Ledger()), **small)
 
     from mpipar.layout import Layout, make_comms
     from mpipar.model.init import open_model
@@ -197,11 +198,11 @@ def parse_args(argv):
     return args
 
 
-def measure_machine(timeout: float) -> dict:
+def measure_machine(timeout: float, quick: bool = False) -> dict:
     """This machine as a description: 1-rank figures, and 2-rank ones (both measuring)."""
     from mpipar import timemodel as tm
-    one = launch_worker(HERE, 1, {"task": "machine"}, timeout)
-    two = launch_worker(HERE, 2, {"task": "machine"}, timeout)
+    one = launch_worker(HERE, 1, {"task": "machine", "quick": quick}, timeout)
+    two = launch_worker(HERE, 2, {"task": "machine", "quick": quick}, timeout)
     desc = tm.machine_from_figures("this machine", one)
     two_desc = tm.machine_from_figures("this machine", two)
     desc["intra_node"] = two_desc["intra_node"]
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
         with open(args.machine) as f:
             desc = json.load(f)
     else:
-        desc = measure_machine(args.timeout)
+        desc = measure_machine(args.timeout, args.quick)
     if args.save_machine:
         with open(args.save_machine, "w") as f:
             json.dump(desc, f, indent=1)

@@ -109,3 +109,14 @@ def test_plot_timeline_bad_input(tmp_path):
                           str(bad), "-o", str(tmp_path / "x.png")], capture_output=True,
                          text=True, timeout=60, env=clean_env())
     assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_plan_validation(tmp_path):
+    rec, text = bench("bench_plan", tmp_path, timeout=300)
+    assert {r["layout"] for r in rec["records"]} == {"1 rank", "1 rank K=2", "dp=2 ep=2"}
+    for r in rec["records"]:
+        assert positive(r["predicted_s"]) and positive(r["measured_s"]), r
+        assert r["metric"].startswith(("ttft", "tpot"))
+    d = rec["machine_description"]
+    assert d["mem_read_Bps"] > 0 and d["intra_node"]["latency_s"] >= 0
+    assert "predicted ms" in text and "within 25%" in text
