@@ -134,7 +134,7 @@ OBJECTIVES = {"ttft": ("ttft_s", 1), "tpot": ("tpot_s", 1), "throughput": ("toke
 
 def add_times(rows: list[dict], config, machine, prompt_len: int, batch: int,
               new_tokens: int, dtype="bf16", chunks: int = 0,
-              optimise: str = "throughput") -> list[dict]:
+              optimise: str = "throughput", ep_imbalance: float = 1.0) -> list[dict]:
     """Time columns for the rows that fit (timemodel.layout_times), re-ranked by
     ``optimise``; rows that do not fit keep their RULE order at the end."""
     from . import timemodel as tm
@@ -143,7 +143,7 @@ def add_times(rows: list[dict], config, machine, prompt_len: int, batch: int,
         if r["fits"]:
             lay = Layout(tp=r["tp"], pp=r["pp"], dp=r["dp"], ep=r["ep"])
             r.update(tm.layout_times(machine, config, lay, r["kv_tokens"], prompt_len,
-                                     batch, new_tokens, b, chunks))
+                                     batch, new_tokens, b, chunks, ep_imbalance))
     key, sign = OBJECTIVES[optimise]
     rows = sorted(rows, key=lambda r: (not r["fits"], sign * r.get(key, 0), rank_key(r)))
     for i, r in enumerate(rows, 1):
@@ -270,6 +270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunks", type=int, default=0,
                     help="chunks for TTFT (0: the best of 1, 2pp, 4pp, 8pp)")
     ap.add_argument("--optimise", choices=sorted(OBJECTIVES), default="throughput")
+    ap.add_argument("--ep-imbalance", type=float, default=1.0,
+                    help="rows of the most loaded EP rank / the mean (1: uniform routing)")
+    ap.add_argument("--max-ep", type=int, default=0,
+                    help="only layouts with ep <= this (0: all); 1: TP/PP/DP only")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "bfloat16",
                                                           "float16", "float32"])
     ap.add_argument("--reserve-gb", type=float, default=0.0,
@@ -293,9 +297,11 @@ def main(argv=None) -> int:
     for name, v, lo in (("--gpus", a.gpus, 1), ("--gpus-per-node", a.gpus_per_node, 1),
                         ("--top", a.top, 0), ("--prompt-len", a.prompt_len, 1),
                         ("--batch", a.batch, 1), ("--new-tokens", a.new_tokens, 1),
-                        ("--prefill-chunks", a.prefill_chunks, 0)):
+                        ("--prefill-chunks", a.prefill_chunks, 0), ("--max-ep", a.max_ep, 0)):
         if v < lo:
             ap.error(f"{name} must be >= {lo}, got {v}")
+    if not a.ep_imbalance >= 1:
+        ap.error(f"--ep-imbalance must be >= 1, got {a.ep_imbalance:g}")
     if not a.gpu_mem_gb > 0 or not 0 <= a.reserve_gb < a.gpu_mem_gb:
         ap.error(f"need --gpu-mem-gb > 0 and 0 <= --reserve-gb < it, got {a.gpu_mem_gb:g}, "
                  f"{a.reserve_gb:g}")
@@ -313,12 +319,16 @@ def main(argv=None) -> int:
         except (ValueError, TypeError) as e:
             ap.error(f"--explain {a.explain!r}: {e}")
     rows = plan(config, a.gpus, a.gpu_mem_gb, a.gpus_per_node, a.dtype, a.reserve_gb)
+    if a.max_ep:
+        rows = [r for r in rows if r["ep"] <= a.max_ep]
+        for i, r in enumerate(rows, 1):
+            r["rank"] = i
     print("\n".join(summary(config, a.gpus, a.gpu_mem_gb, a.dtype)))
     if machine is None:
         print(format_table(rows[:a.top] if a.top else rows))
     else:
         rows = add_times(rows, config, machine, a.prompt_len, a.batch, a.new_tokens,
-                         a.dtype, a.prefill_chunks, a.optimise)
+                         a.dtype, a.prefill_chunks, a.optimise, a.ep_imbalance)
         m = machine
         print(f"machine {m.name}: {m.rate(1e9) / 1e12:g} TFLOP/s, memory "
               f"{m.mem_read_Bps / 1e12:g} TB/s, intra-node {m.intra.bandwidth_Bps / 1e9:g} "

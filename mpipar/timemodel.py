@@ -292,7 +292,7 @@ def tpot(machine: Machine, config, layout, batch: int, context: int, itemsize: i
 
 
 def throughput(machine: Machine, config, layout, batch: int, context: int,
-               itemsize: int = 2) -> float:
+               itemsize: int = 2, ep_imbalance: float = 1.0) -> float:
     """Decode tokens/s of the whole deployment at ``batch`` sequences per replica, the
     pipeline kept full by P micro-batches of batch/P (module docstring)."""
     if batch < 1:
@@ -300,28 +300,30 @@ def throughput(machine: Machine, config, layout, batch: int, context: int,
     P = layout.pp
     machine = machine.at(layout.world)
     micro = max(1, math.ceil(batch / P))
-    one = decode_step(machine, config, layout, micro, context, itemsize)
-    full = decode_step(machine, config, layout, batch, context, itemsize)["total"]
+    one = decode_step(machine, config, layout, micro, context, itemsize, ep_imbalance)
+    full = decode_step(machine, config, layout, batch, context, itemsize,
+                       ep_imbalance)["total"]
     step = min(full, max(P * max(one["stages"]), one["total"])) if P > 1 else full
     return layout.dp * batch / step
 
 
 def layout_times(machine: Machine, config, layout, kv_tokens: int, prompt_len: int,
-                 batch: int, new_tokens: int, itemsize: int, chunks: int = 0) -> dict:
+                 batch: int, new_tokens: int, itemsize: int, chunks: int = 0,
+                 ep_imbalance: float = 1.0) -> dict:
     """The planner's time columns of one layout: TTFT of ``batch`` prompts of
     ``prompt_len`` (in ``chunks`` chunks; 0: the best of 1, 2P, 4P, 8P), TPOT at
     ``batch`` (mean context prompt + new/2), the largest batch per replica whose KV
     cache (prompt + new tokens each) fits in ``kv_tokens``, and the tokens/s there."""
     P = layout.pp
     options = [chunks] if chunks else sorted({1, 2 * P, 4 * P, 8 * P} if P > 1 else {1})
-    ttfts = {k: ttft(machine, config, layout, prompt_len, batch, k, itemsize)
+    ttfts = {k: ttft(machine, config, layout, prompt_len, batch, k, itemsize, ep_imbalance)
              for k in options if k <= prompt_len}
     best = min(ttfts, key=ttfts.get)
     context = prompt_len + new_tokens
     max_batch = kv_tokens // context
     return {"ttft_s": ttfts[best], "prefill_chunks": best,
             "tpot_s": tpot(machine, config, layout, batch, prompt_len + new_tokens // 2,
-                           itemsize),
+                           itemsize, ep_imbalance),
             "max_batch": max_batch,
             "tokens_per_s": throughput(machine, config, layout, max_batch,
-                                       prompt_len + new_tokens // 2, itemsize)}
+                                       prompt_len + new_tokens // 2, itemsize, ep_imbalance)}

@@ -188,6 +188,9 @@ def parse_args(argv):
     p.add_argument("--machine", metavar="JSON",
                    help="use this machine description instead of measuring")
     p.add_argument("--save-machine", metavar="JSON", help="write the measured machine here")
+    p.add_argument("--replay", metavar="JSON",
+                   help="no runs: predict again, with this machine, the measured records of "
+                        "an earlier --json (after a change to the time model)")
     p.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -220,7 +223,12 @@ def main(argv=None) -> int:
     if args.quick:
         cases, prompt_len, args.repeats, args.patience = QUICK_CASES, {"builtin-moe": 32}, 1, 1
     meta = machine()
-    if args.machine:
+    old = None
+    if args.replay:
+        with open(args.replay) as f:
+            old = json.load(f)
+        desc = old["machine_description"]
+    elif args.machine:
         with open(args.machine) as f:
             desc = json.load(f)
     else:
@@ -229,7 +237,7 @@ def main(argv=None) -> int:
         with open(args.save_machine, "w") as f:
             json.dump(desc, f, indent=1)
     records = predictions(desc, cases, args.new_tokens, prompt_len)  # before any run
-    for model, lay, chunks, n_prompts, batches in cases:
+    for model, lay, chunks, n_prompts, batches in cases if old is None else []:
         cfg = {"task": "run", "model": model, "layout": list(lay), "chunks": chunks,
                "ttft_prompts": n_prompts, "batches": batches, "prompt_len": prompt_len[model],
                "new_tokens": args.new_tokens, "repeats": args.repeats,
@@ -240,6 +248,12 @@ def main(argv=None) -> int:
                 r["measured_s"] = res["median"][r["key"]]
                 r["measured_all_s"] = [x[r["key"]] for x in res["all"]]
                 r["quiet_rounds"], r["other_load_cores"] = res["quiet"], res["other_load_cores"]
+    if old is not None:
+        measured = {(r["model"], r["layout"], r["metric"]): r for r in old["records"]}
+        for r in records:
+            m = measured[(r["model"], r["layout"], r["metric"])]
+            r.update({k: m[k] for k in ("measured_s", "measured_all_s", "quiet_rounds",
+                                        "other_load_cores")})
     for r in records:
         r["case"] = list(r["case"][1])
         r["ratio"] = r["predicted_s"] / r["measured_s"]

@@ -230,6 +230,18 @@ def test_plan_cli_with_machine():
     assert bad.returncode == 2 and "--batch" in bad.stderr
 
 
+def test_plan_cli_filters_and_json(tmp_path):
+    out = tmp_path / "plan.json"
+    p = _plan_cli("--model", "qwen3-235b-a22b", "--gpus", "16", "--machine", "h100-node",
+                  "--max-ep", "1", "--optimise", "tpot", "--ep-imbalance", "1.3",
+                  "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["optimise"] == "tpot" and all(r["ep"] == 1 for r in doc["rows"])
+    fit = [r["tpot_s"] for r in doc["rows"] if r["fits"]]
+    assert fit == sorted(fit) and doc["gpu_mem_gb"] == 80  # the machine's memory
+
+
 def test_benchkit_figures_are_measured():
     from mpipar import benchkit
     rates = benchkit.sgemm_rates(rows=(1, 8), k=256, out=512, mib=2, min_time=0.01)
