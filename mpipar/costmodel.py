@@ -47,7 +47,8 @@ Work of one forward (the time model's inputs, ``forward_matmuls``, ``attention_w
   Experts: a MoE layer's T routed tokens pick k of E experts each, so under uniform
   routing an expert is hit by at least one token with probability 1 - (1 - k/E)**T
   and gets T*k/E rows on average; only hit experts run (and are read). With ep > 1 a
-  rank holds E/l experts and serves the T = l*N/t tokens of its EP group.
+  rank holds E/l experts and serves the T = l*N/t tokens of its EP group; the layer
+  waits for the rank with the most hit experts (``experts_hit_busiest``).
   Causal attention of q new tokens after c cached ones, queries in blocks of B rows
   (``model.layers.causal_gqa_attention``): the block ending at query i1 scores c + i1
   keys, so FLOPs = 4 * Hq_l * d * sum_blocks rows * (c + i1) (QK^T and PV); the KV
@@ -315,6 +316,20 @@ def experts_hit(num_experts: int, top_k: int, tokens: float) -> float:
     return num_experts * (1 - (1 - top_k / num_experts) ** tokens) if tokens > 0 else 0.0
 
 
+def experts_hit_busiest(num_experts: int, top_k: int, tokens: float, ranks: int) -> float:
+    """Expected experts hit on the busiest of ``ranks`` ranks of E/ranks experts each:
+    every expert is hit with probability q = 1 - (1 - k/E)**T (taken independently), so
+    a rank's count is Binomial(n = E/ranks, q) and E[max of l] = sum_{x<n} 1 - F(x)**l."""
+    from math import comb
+    n = num_experts // ranks
+    q = experts_hit(num_experts, top_k, tokens) / num_experts
+    cdf, out = 0.0, 0.0
+    for x in range(n):
+        cdf += comb(n, x) * q ** x * (1 - q) ** (n - x)
+        out += 1 - min(cdf, 1.0) ** ranks
+    return out
+
+
 def forward_matmuls(config, layout, stage: int, tokens: int, logit_rows: int = 0) -> dict:
     """{name: (rows M, weight params P, count)} of the products one rank of ``stage`` does
     in a forward of ``tokens`` tokens (module docstring); FLOPs 2*M*P, weights read P*b
@@ -332,8 +347,9 @@ def forward_matmuls(config, layout, stage: int, tokens: int, logit_rows: int = 0
         hit = experts_hit(c.num_experts, c.num_experts_per_tok, routed)  # of all E
         if hit:
             rows = routed * c.num_experts_per_tok / hit  # per hit expert, mean
-            out["experts"] = (rows, p["experts"] // (n_moe * held),
-                              hit * held / c.num_experts * n_moe)
+            busiest = experts_hit_busiest(c.num_experts, c.num_experts_per_tok, routed,
+                                          layout.ep) if layout.ep > 1 else hit
+            out["experts"] = (rows, p["experts"] // (n_moe * held), busiest * n_moe)
     if logit_rows and p["lm_head"]:
         out["lm_head"] = (logit_rows, p["lm_head"], 1)
     return {name: x for name, x in out.items() if x[0] and x[1] and x[2]}

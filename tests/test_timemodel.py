@@ -69,11 +69,17 @@ def test_forward_matmuls_dense_and_moe_by_hand():
     m, p, k = got["experts"]
     assert (m, p, k) == (pytest.approx(10 / hit), 3 * 64 * 16, pytest.approx(2 * hit))
     # ep=2 (tp=2): 4 whole experts per rank; the EP group serves 2*5/2 = 5 tokens,
-    # the router sees the rank's share ceil(5/2) = 3
+    # the router sees the rank's share ceil(5/2) = 3; the layer waits for the rank with
+    # more hit experts: each of its 4 is hit with q = hit/8, E[max of 2 Binomial(4, q)]
     got = cm.forward_matmuls(MOE, Layout(tp=2, ep=2), 0, tokens=5)
     assert got["router"] == (3, 2 * 8 * 64, 1)
+    q = hit / 8
+    cdf = [sum(math.comb(4, i) * q ** i * (1 - q) ** (4 - i) for i in range(x + 1))
+           for x in range(4)]
+    busiest = sum(1 - f ** 2 for f in cdf)
+    assert hit / 2 < busiest < 4
     m, p, k = got["experts"]
-    assert (m, p, k) == (pytest.approx(10 / hit), 3 * 64 * 32, pytest.approx(2 * hit / 2))
+    assert (m, p, k) == (pytest.approx(10 / hit), 3 * 64 * 32, pytest.approx(2 * busiest))
     assert cm.experts_hit(8, 2, 0) == 0 and cm.experts_hit(8, 8, 1) == 8
 
 
