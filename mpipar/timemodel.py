@@ -126,17 +126,6 @@ def load_machine(name_or_path: str) -> Machine:
         return machine_from_dict(json.load(f))
 
 
-def machine_from_figures(name: str, figs: dict) -> dict:
-    """benchkit.machine_figures' result -> a machine description dict (one node)."""
-    link = figs["link"] or {"bandwidth_Bps": float("inf"), "latency_s": 0.0}
-    return {"name": name, "gpus_per_node": figs["ranks"], "matmul_flops":
-            {str(k): v for k, v in figs["matmul_flops_by_rows"].items()},
-            "mem_read_Bps": figs["mem_read_Bps"],
-            "intra_node": {"bandwidth_Bps": link["bandwidth_Bps"],
-                           "latency_s": link["latency_s"]},
-            "sources": {"all": "measured by mpipar.benchkit.machine_figures"}}
-
-
 # ---- pieces -------------------------------------------------------------------------
 def products_time(machine: Machine, products, itemsize: int) -> float:
     """Sum over (M, P, count) of count * max(2*M*P / rate(M), P*b / read bandwidth)."""

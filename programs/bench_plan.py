@@ -201,13 +201,23 @@ def parse_args(argv):
     return args
 
 
+def machine_from_figures(name: str, figs: dict) -> dict:
+    """benchkit.machine_figures' result -> a machine description (timemodel's format)."""
+    link = figs["link"] or {"bandwidth_Bps": float("inf"), "latency_s": 0.0}
+    return {"name": name, "gpus_per_node": figs["ranks"], "matmul_flops":
+            {str(k): v for k, v in figs["matmul_flops_by_rows"].items()},
+            "mem_read_Bps": figs["mem_read_Bps"],
+            "intra_node": {"bandwidth_Bps": link["bandwidth_Bps"],
+                           "latency_s": link["latency_s"]},
+            "sources": {"all": "measured by mpipar.benchkit.machine_figures"}}
+
+
 def measure_machine(timeout: float, quick: bool = False) -> dict:
     """This machine as a description: 1-rank figures, and 2-rank ones (both measuring)."""
-    from mpipar import timemodel as tm
     one = launch_worker(HERE, 1, {"task": "machine", "quick": quick}, timeout)
     two = launch_worker(HERE, 2, {"task": "machine", "quick": quick}, timeout)
-    desc = tm.machine_from_figures("this machine", one)
-    two_desc = tm.machine_from_figures("this machine", two)
+    desc = machine_from_figures("this machine", one)
+    two_desc = machine_from_figures("this machine", two)
     desc["intra_node"] = two_desc["intra_node"]
     desc["gpus_per_node"] = os.cpu_count() or 1
     desc["by_ranks"] = {"2": {k: two_desc[k] for k in ("matmul_flops", "mem_read_Bps")}}
