@@ -16,8 +16,8 @@ tokens (its DP replica's):
              when the group is inside a node)
   EP         per MoE layer a count exchange and two Alltoallv of the predicted rows
              (each posts all its messages at once): 3 latencies + bytes / link;
-             the experts' products use the most loaded rank's rows (mean *
-             ``ep_imbalance``): the step waits for it
+             the layer waits for the busiest rank: its expected most hit experts
+             (``costmodel.experts_hit_busiest``) with rows * ``ep_imbalance``
   PP         a boundary carries N*h*b: latency + bytes / link (inter-node when the two
              stages sit on different nodes)
 
@@ -28,6 +28,10 @@ logits of the last token. A decode step runs the stages in turn: TPOT = sum_s t[
 sends + the token ids back to stage 0. Throughput at the largest batch B the KV memory
 allows keeps the pipeline full with P micro-batches of B/P: step = max(P * max_s t_s,
 one micro-batch's round trip); tokens/s = dp * B / step.
+
+Where ranks share a machine's memory (this 2-core VM), the figures depend on how many
+ranks work at once (``Machine.at``): a decode step or an unchunked prefill keeps one
+stage's tp*dp ranks busy, chunks or micro-batches all of them.
 """
 
 from __future__ import annotations
