@@ -156,3 +156,114 @@ def worker_main(worker, cfg_json: str, out_path: str) -> int:
         with open(out_path, "w") as f:
             json.dump(res, f)
     return 0
+
+
+# ---- this machine's figures (the time model's inputs: mpipar/timemodel.py) -------------
+# Each is measured the way the engine uses the machine: float32 products of activations
+# [M, k] with weights stored [out, in] (``a @ w.T``), a large weight read once
+# (matrix-vector product), and messages through mpipar.comm (Python's per-call cost
+# included, since the engine pays it too).
+
+def _best_time(fn, min_time: float = 0.15, floor: int = 3) -> float:
+    """Median of at least ``floor`` calls and ``min_time`` seconds, after one warm-up."""
+    import time
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < floor or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def sgemm_rates(rows=(1, 2, 4, 8, 16, 64, 256, 1024), k: int = 2048, out: int = 5120,
+                mib: int = 256, min_time: float = 0.15) -> dict:
+    """FLOP/s of float32 ``x @ w.T`` with x [M, k], w [out, k], for each M in ``rows``
+    -> {M: flop/s}. The products cycle through ``mib`` MiB of weights (6 of 42 MB),
+    several times the last-level cache, so weights come from memory as in a forward."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((out, k), dtype=np.float32)
+          for _ in range(max(1, mib * 2**20 // (4 * k * out)))]
+    rates = {}
+    for m in rows:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+
+        def products(x=x):
+            for w in ws:
+                x @ w.T
+        rates[int(m)] = 2.0 * m * k * out * len(ws) / _best_time(products, min_time)
+    return rates
+
+
+def read_bandwidth(mib: int = 256, min_time: float = 0.15) -> float:
+    """Bytes/s at which a float32 matrix-vector product reads a ``mib`` MiB matrix (how
+    decode reads its weights)."""
+    import numpy as np
+    mat = np.ones((mib * 2**20 // 4 // 4096, 4096), dtype=np.float32)
+    x = np.ones(4096, dtype=np.float32)
+    return mat.nbytes / _best_time(lambda: mat @ x, min_time)
+
+
+def copy_bandwidth(mib: int = 256, min_time: float = 0.15) -> float:
+    """STREAM's copy convention: (read + write) bytes/s of a large ``np.copyto``."""
+    import numpy as np
+    src = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / _best_time(lambda: np.copyto(dst, src), min_time)
+
+
+def link_figures(group, small: int = 1024, large: int = 4 << 20,
+                 repeats: int = 200) -> dict | None:
+    """Per-message latency (s) and bandwidth (B/s) between the first two ranks of
+    ``group`` (a mpipar.comm Group), as mpipar's collectives see them: the time of one
+    exchange of S bytes (the 2-rank recursive-doubling all-reduce of comm/ring.py: one
+    Sendrecv and an add) is t(S) = latency + S/bandwidth, fitted at ``small`` and
+    ``large`` bytes. Collective over the group; ranks past the first two only wait.
+    -> rank 0: {"latency_s", "bandwidth_Bps", "small_s", "large_s"}; others None."""
+    import time
+
+    import numpy as np
+
+    from .comm.control import barrier
+    from .comm.ring import ring_allreduce
+    sub = group.comm.Split(0 if group.rank < 2 else 1, group.rank)
+    times = {}
+    if group.rank < 2:
+        from .comm.group import Group
+        pair = Group(sub, "probe", group.ledger, np)
+        for nbytes in (small, large):
+            x = np.ones(nbytes // 4, dtype=np.float32)
+            out = np.empty_like(x)
+            reps = []
+            for _ in range(repeats if nbytes == small else max(repeats // 10, 5)):
+                pair.comm.Barrier()
+                t = time.perf_counter()
+                ring_allreduce(pair, x, algorithm="small", out=out)
+                reps.append(time.perf_counter() - t)
+            times[nbytes] = statistics.median(reps)
+    sub.Free()
+    barrier(group)
+    if group.rank != 0:
+        return None
+    ts, tl = times[small], times[large]
+    bw = (large - small) / max(tl - ts, 1e-12)
+    return {"latency_s": max(ts - small / bw, 0.0), "bandwidth_Bps": bw,
+            "small_s": ts, "large_s": tl, "small_bytes": small, "large_bytes": large}
+
+
+def machine_figures(group, rows=(1, 2, 4, 8, 16, 64, 256, 1024), mib: int = 256) -> dict | None:
+    """This machine's figures with every rank of ``group`` measuring at once (so shared
+    memory bandwidth is shared as in a run of that many ranks): rank 0's sgemm rates,
+    read and copy bandwidth (``mib`` MiB buffers), and the link between ranks 0 and 1
+    (size > 1). Collective; rank 0 gets the dict."""
+    from .comm.control import barrier
+    barrier(group)
+    rates = sgemm_rates(rows, mib=mib)
+    read, copy = read_bandwidth(mib), copy_bandwidth(mib)
+    barrier(group)
+    link = link_figures(group) if group.size > 1 else None
+    if group.rank != 0:
+        return None
+    return {"ranks": group.size, "matmul_flops_by_rows": rates, "mem_read_Bps": read,
+            "copy_Bps": copy, "link": link}

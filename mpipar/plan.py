@@ -2,6 +2,8 @@
 
     python -m mpipar.plan --model qwen3-235b-a22b --gpus 16 --gpu-mem-gb 80 \\
         --gpus-per-node 8 [--dtype bf16] [--reserve-gb 0] [--json out.json]
+    python -m mpipar.plan --model qwen3-235b-a22b --gpus 16 --machine h100-node \\
+        [--prompt-len 2048 --batch 1 --new-tokens 256 --optimise throughput]
 
 ``--model``: a preset name (mpipar.model.config.PRESETS) or a config.json / model folder.
 
@@ -21,6 +23,12 @@ Ranking (lexicographic, printed with the table):
      not cut it -- the seed's argument for TP);
   5. fewer communication bytes per token per GPU;
   6. more KV-cache tokens in total (dp * per replica); then smaller pp, dp, ep.
+With ``--machine`` (a name in mpipar/machines/ or a JSON file; its GPU memory and GPUs
+per node are the defaults) each fitting layout also gets the time model's figures
+(mpipar.timemodel.layout_times): the largest batch per replica whose KV cache (prompt +
+new tokens) fits, TTFT of ``--batch`` prompts (best chunk count), TPOT at ``--batch``,
+and decode tokens/s at the largest batch; the rows are then ranked by ``--optimise``
+(ttft, tpot: smaller first; throughput: larger first), RULE breaking ties.
 For Qwen3-235B-A22B this gives the seed's choice: 16 GPUs -> tp=4, pp=4 first; on 8 GPUs,
 tp=8 leaves 21.04 GB, the seed's 80 - 235*2/8 = 21.25 less 0.02 GB for the exact 235.09e9
 parameters and 0.19 GB for what tp=8 replicates (kv heads x2, router, norms).
@@ -121,6 +129,42 @@ def plan(config, gpus: int, gpu_mem_gb: float, gpus_per_node: int, dtype="bf16",
     return rows
 
 
+OBJECTIVES = {"ttft": ("ttft_s", 1), "tpot": ("tpot_s", 1), "throughput": ("tokens_per_s", -1)}
+
+
+def add_times(rows: list[dict], config, machine, prompt_len: int, batch: int,
+              new_tokens: int, dtype="bf16", chunks: int = 0,
+              optimise: str = "throughput", ep_imbalance: float = 1.0) -> list[dict]:
+    """Time columns for the rows that fit (timemodel.layout_times), re-ranked by
+    ``optimise``; rows that do not fit keep their RULE order at the end."""
+    from . import timemodel as tm
+    b = cm.dtype_size(dtype)
+    for r in rows:
+        if r["fits"]:
+            lay = Layout(tp=r["tp"], pp=r["pp"], dp=r["dp"], ep=r["ep"])
+            r.update(tm.layout_times(machine, config, lay, r["kv_tokens"], prompt_len,
+                                     batch, new_tokens, b, chunks, ep_imbalance))
+    key, sign = OBJECTIVES[optimise]
+    rows = sorted(rows, key=lambda r: (not r["fits"], sign * r.get(key, 0), rank_key(r)))
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def format_time_table(rows: list[dict]) -> str:
+    head = (f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>3} {'ep':>3} {'free':>8} {'KV B/tok':>9} "
+            f"{'max B':>6} {'TTFT ms':>9} {'K':>3} {'TPOT ms':>8} {'tok/s':>9}  flags")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        times = (f"{r['max_batch']:>6} {1e3 * r['ttft_s']:>9.1f} {r['prefill_chunks']:>3} "
+                 f"{1e3 * r['tpot_s']:>8.2f} {r['tokens_per_s']:>9.0f}") if r["fits"] else \
+            f"{'-':>6} {'-':>9} {'-':>3} {'-':>8} {'-':>9}"
+        out.append(f"{r['rank']:>3} {r['tp']:>3} {r['pp']:>3} {r['dp']:>3} {r['ep']:>3} "
+                   f"{_fmt_bytes(r['free_gb'] * GB):>8} {r['kv_bytes_per_token']:>9} "
+                   f"{times}  {' '.join(r['flags'])}")
+    return "\n".join(out)
+
+
 def _fmt_bytes(x: float) -> str:
     """Bytes with a decimal unit: 21.04G, 16.38K, -37.62G."""
     for unit, f in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -214,8 +258,22 @@ def main(argv=None) -> int:
                  description="Rank every (tp, pp, dp, ep) layout of a model on a GPU count.")
     ap.add_argument("--model", required=True, help="preset name or path to config.json")
     ap.add_argument("--gpus", type=int, required=True)
-    ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="per GPU, 1e9 bytes")
-    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu-mem-gb", type=float, help="per GPU, 1e9 bytes (default: the "
+                    "machine's, else 80)")
+    ap.add_argument("--gpus-per-node", type=int, help="default: the machine's, else 8")
+    ap.add_argument("--machine", help="machine name (mpipar/machines/) or JSON file: adds "
+                    "TTFT, TPOT, tokens/s and ranks by --optimise")
+    ap.add_argument("--prompt-len", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1, help="sequences for TTFT and TPOT")
+    ap.add_argument("--new-tokens", type=int, default=256,
+                    help="generated per sequence (KV cache holds prompt + these)")
+    ap.add_argument("--prefill-chunks", type=int, default=0,
+                    help="chunks for TTFT (0: the best of 1, 2pp, 4pp, 8pp)")
+    ap.add_argument("--optimise", choices=sorted(OBJECTIVES), default="throughput")
+    ap.add_argument("--ep-imbalance", type=float, default=1.0,
+                    help="rows of the most loaded EP rank / the mean (1: uniform routing)")
+    ap.add_argument("--max-ep", type=int, default=0,
+                    help="only layouts with ep <= this (0: all); 1: TP/PP/DP only")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "bfloat16",
                                                           "float16", "float32"])
     ap.add_argument("--reserve-gb", type=float, default=0.0,
@@ -225,10 +283,25 @@ def main(argv=None) -> int:
     ap.add_argument("--explain", metavar="TP,PP,DP,EP",
                     help="also print the per-component weights of this layout")
     a = ap.parse_args(argv)
+    machine = None
+    if a.machine:
+        from .timemodel import load_machine
+        try:
+            machine = load_machine(a.machine)
+        except (ValueError, KeyError, OSError) as e:
+            ap.error(f"--machine {a.machine!r}: {e}")
+    a.gpu_mem_gb = a.gpu_mem_gb if a.gpu_mem_gb is not None else \
+        machine.gpu_memory_gb if machine else 80.0
+    a.gpus_per_node = a.gpus_per_node if a.gpus_per_node is not None else \
+        machine.gpus_per_node if machine else 8
     for name, v, lo in (("--gpus", a.gpus, 1), ("--gpus-per-node", a.gpus_per_node, 1),
-                        ("--top", a.top, 0)):
+                        ("--top", a.top, 0), ("--prompt-len", a.prompt_len, 1),
+                        ("--batch", a.batch, 1), ("--new-tokens", a.new_tokens, 1),
+                        ("--prefill-chunks", a.prefill_chunks, 0), ("--max-ep", a.max_ep, 0)):
         if v < lo:
             ap.error(f"{name} must be >= {lo}, got {v}")
+    if not a.ep_imbalance >= 1:
+        ap.error(f"--ep-imbalance must be >= 1, got {a.ep_imbalance:g}")
     if not a.gpu_mem_gb > 0 or not 0 <= a.reserve_gb < a.gpu_mem_gb:
         ap.error(f"need --gpu-mem-gb > 0 and 0 <= --reserve-gb < it, got {a.gpu_mem_gb:g}, "
                  f"{a.reserve_gb:g}")
@@ -246,14 +319,31 @@ def main(argv=None) -> int:
         except (ValueError, TypeError) as e:
             ap.error(f"--explain {a.explain!r}: {e}")
     rows = plan(config, a.gpus, a.gpu_mem_gb, a.gpus_per_node, a.dtype, a.reserve_gb)
+    if a.max_ep:
+        rows = [r for r in rows if r["ep"] <= a.max_ep]
+        for i, r in enumerate(rows, 1):
+            r["rank"] = i
     print("\n".join(summary(config, a.gpus, a.gpu_mem_gb, a.dtype)))
-    print(format_table(rows[:a.top] if a.top else rows))
+    if machine is None:
+        print(format_table(rows[:a.top] if a.top else rows))
+    else:
+        rows = add_times(rows, config, machine, a.prompt_len, a.batch, a.new_tokens,
+                         a.dtype, a.prefill_chunks, a.optimise, a.ep_imbalance)
+        m = machine
+        print(f"machine {m.name}: {m.rate(1e9) / 1e12:g} TFLOP/s, memory "
+              f"{m.mem_read_Bps / 1e12:g} TB/s, intra-node {m.intra.bandwidth_Bps / 1e9:g} "
+              f"GB/s, inter-node {m.inter.bandwidth_Bps / 1e9:g} GB/s per GPU; "
+              f"prompt {a.prompt_len}, "
+              f"batch {a.batch}, {a.new_tokens} new tokens; max B: sequences per replica "
+              f"whose KV cache fits; tok/s: decode at max B; sorted by {a.optimise}")
+        print(format_time_table(rows[:a.top] if a.top else rows))
     if lay is not None:
         print("\n".join(explain(config, lay, a.dtype)))
     if a.json:
         doc = dict(model=config.name, gpus=a.gpus, gpu_mem_gb=a.gpu_mem_gb,
                    gpus_per_node=a.gpus_per_node, dtype=a.dtype, reserve_gb=a.reserve_gb,
-                   params=cm.param_counts(config).total, rule=RULE, rows=rows)
+                   params=cm.param_counts(config).total, rule=RULE, rows=rows,
+                   machine=a.machine, optimise=a.optimise if machine else None)
         try:
             with open(a.json, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1)

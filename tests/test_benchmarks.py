@@ -148,3 +148,14 @@ def test_eplb(tmp_path):
     a2o = [r for r in rec["records"] if r["routing"] == "all-to-one"]
     assert all(r["max_over_mean_before"] == 2.0 and r["max_over_mean_after"] < 1.1 for r in a2o)
     assert "max/mean" in text
+
+
+def test_plan_validation(tmp_path):
+    rec, text = bench("bench_plan", tmp_path, timeout=300)
+    assert {r["layout"] for r in rec["records"]} == {"1 rank", "1 rank K=2", "dp=2 ep=2"}
+    for r in rec["records"]:
+        assert positive(r["predicted_s"]) and positive(r["measured_s"]), r
+        assert r["metric"].startswith(("ttft", "tpot"))
+    d = rec["machine_description"]
+    assert d["mem_read_Bps"] > 0 and d["intra_node"]["latency_s"] >= 0
+    assert "predicted ms" in text and "within 25%" in text
