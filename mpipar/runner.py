@@ -114,16 +114,63 @@ def parse_prompts(args, vocab):
     return prompts, tok
 
 
+# ---- the steps every program that runs a model over MPI shares (transformer.py, serve.py)
+def bad_input_errors() -> tuple:
+    """The exception types that mean "bad flags, layout, config or checkpoint": exit 2."""
+    from .layout import LayoutError
+    from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
+    return (UsageError, LayoutError, ConfigError, CheckpointError, ValueError, OSError)
+
+
+def open_job(args, world_size: int):
+    """-> (layout, source, device) from args.tp/pp/dp/ep, model, preset, seed, device;
+    the same checks on every rank (raises one of bad_input_errors())."""
+    from .backend import select_device
+    from .layout import Layout
+    from .model.init import open_model
+    from .parallel.shard import check_layout
+    layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
+    layout.check_world(world_size)
+    source = open_model(args.model, args.preset, args.seed)
+    check_layout(source.config, layout)
+    return layout, source, select_device(args.device)
+
+
+def connect(device: str, layout, world, ledger, say):
+    """Collective: bind this rank's GPU (device "gpu") and split the layout's Comms."""
+    from .layout import make_comms
+    xp, transport = np, None
+    if device == "gpu":
+        from .backend import Transport, bind_gpu, cuda_aware
+        xp, gpu, node_ranks, gpus = bind_gpu(world)
+        transport = Transport(xp, cuda_aware(), ledger)
+        if node_ranks > gpus:
+            say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
+        if not transport.aware:
+            say("note: MPI is not CUDA-aware here; staging through pinned host buffers")
+    return make_comms(layout, world, ledger, xp, transport)
+
+
+def build_together(comms, build):
+    """Collective: ``build()`` on every rank; if it failed anywhere (a shard that cannot
+    be read, memory), every rank raises the same RemoteError instead of waiting."""
+    from .comm.control import agree
+    from .model.checkpoint import CheckpointError
+    error, built = None, None
+    try:
+        built = build()
+    except (CheckpointError, ValueError, OSError, MemoryError) as e:
+        error = e
+    agree(comms.world, error)
+    return built
+
+
 def run(argv, world=None) -> int:
     """The program; returns the exit code (0 ok, 1 check failed, 2 bad input)."""
     from mpi4py import MPI
 
-    from .comm.control import RemoteError, agree
-    from .layout import Layout, LayoutError, make_comms
-    from .model.checkpoint import CheckpointError
-    from .model.config import ConfigError
-    from .model.init import open_model
-    from .parallel.shard import check_layout
+    from .comm.control import RemoteError
 
     world = MPI.COMM_WORLD if world is None else world
     rank = world.Get_rank()
@@ -134,31 +181,18 @@ def run(argv, world=None) -> int:
 
     try:
         args = parse_args(argv)
-        layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
-        layout.check_world(world.Get_size())
-        source = open_model(args.model, args.preset, args.seed)
+        layout, source, device = open_job(args, world.Get_size())
         config = source.config
-        check_layout(config, layout)
         prompts, tokenizer = parse_prompts(args, config.vocab_size)
-        from .backend import select_device
-        device = select_device(args.device)
-    except (UsageError, LayoutError, ConfigError, CheckpointError, ValueError, OSError) as e:
+    except bad_input_errors() as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
 
     from .comm.ledger import Ledger
     from .reporting import print_report, run_record, write_outputs
     ledger = Ledger(trace=bool(args.trace))
-    xp, transport = np, None
-    if device == "gpu":
-        from .backend import Transport, bind_gpu, cuda_aware
-        xp, gpu, node_ranks, gpus = bind_gpu(world)
-        transport = Transport(xp, cuda_aware(), ledger)
-        if node_ranks > gpus:
-            say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
-        if not transport.aware:
-            say("note: MPI is not CUDA-aware here; staging through pinned host buffers")
-    comms = make_comms(layout, world, ledger, xp, transport)
+    comms = connect(device, layout, world, ledger, say)
+    xp = comms.xp
     say(f"mpipar: {world.Get_size()} ranks, model {source.describe()}, device {device}")
     say(layout.describe())
     hosts = world.gather(socket.gethostname(), root=0)
@@ -167,15 +201,10 @@ def run(argv, world=None) -> int:
             print(f"rank {r} host {h}")
 
     from .parallel.engine import ParallelModel
-    error = None
     try:
         t = time.perf_counter()
-        model = ParallelModel(comms, source, xp)
+        model = build_together(comms, lambda: ParallelModel(comms, source, xp))
         load_s = time.perf_counter() - t
-    except (CheckpointError, ValueError, OSError, MemoryError) as e:
-        error = e
-    try:
-        agree(comms.world, error)
     except RemoteError as e:
         say(f"error while loading: {e}", file=sys.stderr)
         return 2
