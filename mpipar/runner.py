@@ -25,13 +25,13 @@ class UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # raise instead of printing on every rank
         raise UsageError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="transformer.py", description=(
+    p = Parser(prog="transformer.py", description=(
         "Run a Qwen3 / Qwen3-MoE model split over MPI ranks (tp*pp*dp ranks)."))
     m = p.add_argument_group("model")
     m.add_argument("--model", help="Hugging Face folder (config.json + safetensors)")
@@ -251,11 +251,12 @@ def compare(gen, ref, tol=1e-4) -> str:
     return "pass"
 
 
-def main(argv=None) -> None:
-    """Entry point: exit with run()'s code; an unexpected error aborts the whole job."""
+def main(argv=None, program=None) -> None:
+    """Entry point: exit with the code of ``program`` (default run); an unexpected error
+    aborts the whole job."""
     from mpi4py import MPI
     try:
-        code = run(sys.argv[1:] if argv is None else argv)
+        code = (program or run)(sys.argv[1:] if argv is None else argv)
     except SystemExit:
         raise
     except BaseException:
