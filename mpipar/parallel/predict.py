@@ -8,12 +8,13 @@ on a rank of stage s, TP rank t (h = hidden, b = bytes per element):
     tp_allgather  1 per MoE layer with ep > 1: token shares split(N, T) * h
     tp_embed      stage 0: 1 all-reduce of N*h (vocab-parallel embedding)
     pp_send       stage s < P-1: N*h*b (one activation per boundary)
-    pp_tokens     last stage, P > 1: 8 bytes per sequence per decode step but the last
     ep_alltoall   (rows dispatched to other ranks + rows returned to other ranks) * h*b
 
 Each collective's bytes come from the algorithm's exact formula (``comm.ring``:
 2(T-1)/T of the buffer for the ring, up to chunk rounding). Kinds the seed's model does
-not cover (tp_argmax, tp_logits, ep_counts, result) are not predicted.
+not cover (tp_argmax, tp_logits, ep_counts, and the serving loop's step plans and
+sampled tokens: control, result) are not predicted. The sampled tokens reach stage 0
+inside the next step's plan, so no token traffic runs inside a PP group.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from __future__ import annotations
 from ..comm.ring import allreduce_bytes
 from .shard import split
 
-PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send", "pp_tokens",
-                   "ep_alltoall")
+PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send", "ep_alltoall")
 ITEMSIZE = 4  # activations travel as float32
 
 
@@ -53,8 +53,6 @@ def predict_rank(config, layout, r: dict) -> dict:
             out["tp_allgather"] += moe_ep * allgather_bytes(shares, t)[0]
         if co["pp"] < layout.pp - 1:
             out["pp_send"] += n * h * b
-    if co["pp"] == layout.pp - 1 and layout.pp > 1:
-        out["pp_tokens"] = 8 * r["n_seqs"] * r["decode_steps"]
     if layout.ep > 1:
         out["ep_alltoall"] = (r["rows_sent_away"] + r["rows_from_others"]) * h * b
     return out

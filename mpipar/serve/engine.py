@@ -1,0 +1,340 @@
+"""The serving step loop: rank 0 schedules and sends a plan, every rank runs its part.
+
+One step on world rank 0:
+
+    results of finished micro-batches -> scheduler.update (tokens, stops, freed blocks)
+    plan = scheduler.schedule(lane)     per replica: (slot, tokens, start, table, sample)
+    Outbox.broadcast(plan)              ledger kind "control": (W-1) * pickled size
+    run its own part (stage 0 of replica 0: ParallelModel.run_entries)
+
+Every other rank waits for the plan (sleeping, comm/control.py), runs its part; the last
+stage's TP rank 0 of each replica sends the sampled tokens to rank 0 (kind "result").
+Workers keep no per-request state: the plan carries the token ids (so tokens need no
+path back to stage 0) and the block tables into the rank's own KV pool.
+
+PP: up to P micro-batches in flight (pp.InFlight): rank 0 launches the next plan while
+the last ones are still in later stages, and waits for the oldest result only when the
+window is full or nothing can be scheduled. Lanes (scheduler.py) keep the in-flight
+micro-batches disjoint; chunks of one prefill may follow each other.
+
+``generate`` of ParallelModel is ``generate_batch`` here: the offline case, every prompt
+arriving at t=0, on this same loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..comm.control import Outbox, barrier, poll_object, wait_object
+from ..model.sampling import Generation, pad_prompt_logits
+from ..parallel.pp import InFlight
+from .kvpool import KVPool, blocks_for
+from .request import Request, RequestError, SamplingParams
+from .scheduler import Entry, Scheduler, Seq
+
+TAG_RESULT = 32
+
+
+@dataclass
+class EngineOptions:
+    block_size: int = 16
+    kv_cache_tokens: int = 16384  # per replica; the pool of every rank holds this many
+    max_num_batched_tokens: int = 512  # per replica per step
+    max_num_seqs: int = 64  # running requests per replica
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    eos_token_ids: list | None = None  # None: from generation_config.json / config.json
+    enable_prefix_caching: bool = True
+    micro_batches: int | None = None  # lanes of disjoint requests; None: one per stage
+    keep_logits: bool = False  # full logits of every computed row back to rank 0 (checks)
+
+
+def eos_token_ids(source) -> list[int]:
+    """EOS ids of a checkpoint folder (generation_config.json first); [] for presets."""
+    folder = getattr(source, "dir", None)
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(folder, name) if folder else ""
+        if path and os.path.isfile(path):
+            value = json.load(open(path)).get("eos_token_id")
+            if value is not None:
+                return [int(v) for v in (value if isinstance(value, list) else [value])]
+    return []
+
+
+@dataclass
+class _Step:
+    entries: list  # per replica: list of Entry
+    waiting_on: set  # replicas whose result has not come
+    results: dict  # replica -> {"tokens", "logits"}
+
+
+class ServeEngine:
+    """Built collectively on every rank (see SERVE_INTERFACE.md for who calls what)."""
+
+    def __init__(self, comms, source, options: EngineOptions, model=None):
+        from ..parallel.engine import ParallelModel
+        self.comms, self.options = comms, options
+        o = options
+        self.model = model if model is not None else ParallelModel(comms, source, comms.xp)
+        config, layout = self.model.config, comms.layout
+        self.max_model_len = o.max_model_len or config.max_position_embeddings
+        for name in ("block_size", "kv_cache_tokens", "max_num_batched_tokens",
+                     "max_num_seqs", "micro_batches"):
+            value = getattr(o, name) if name != "micro_batches" else (o.micro_batches or 1)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.num_blocks = o.kv_cache_tokens // o.block_size
+        if self.num_blocks < blocks_for(self.max_model_len, o.block_size):
+            raise ValueError(f"kv_cache_tokens={o.kv_cache_tokens} holds {self.num_blocks} "
+                             f"blocks of {o.block_size}: too few for one request of "
+                             f"max_model_len={self.max_model_len}")
+        self.pool = KVPool(self.model.xp, len(self.model.blocks), self.num_blocks,
+                           o.block_size, len(self.model.plan.kv_heads), config.head_dim)
+        self.model.kv_cache_bytes = self.pool.nbytes
+        self.world, self.rank = comms.world, comms.world.rank
+        self.reporters = [layout.rank_of(tp=0, dp=d, pp=layout.pp - 1)
+                          for d in range(layout.dp)]
+        self.outbox = Outbox()
+        self._slots_seen = set()
+        if self.rank != 0:
+            return
+        self.eos = list(o.eos_token_ids) if o.eos_token_ids is not None else eos_token_ids(source)
+        lanes = o.micro_batches or layout.pp
+        self.scheduler = Scheduler(layout.dp, self.num_blocks, o.block_size,
+                                   o.max_num_batched_tokens, o.max_num_seqs,
+                                   self.max_model_len, lanes, o.enable_prefix_caching)
+        self.lanes, self.next_lane = lanes, 0
+        self.window = InFlight(layout.pp)
+        self.slots = {}  # slot -> Seq
+        self.next_slot, self.last_step_tokens = 0, 0
+        self.logit_rows = {}  # request_id -> {position: logits [V]} (keep_logits)
+        self._seeds = random.Random()
+
+    # ---- rank 0: requests
+    def add_request(self, req: Request, sample_key: int = 0) -> None:
+        p, vocab = req.params, self.model.config.vocab_size
+        ids = req.prompt_ids
+        if not isinstance(ids, list) or not ids:
+            raise RequestError("the prompt must be a non-empty list of token ids")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or
+               not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
+        if not (math.isfinite(p.temperature) and p.temperature >= 0) or not 0 < p.top_p <= 1:
+            raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
+        if len(ids) + p.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) "
+                               f"is more than max_model_len={self.max_model_len}")
+        if req.request_id in self.scheduler.seqs:
+            raise RequestError(f"request id {req.request_id!r} is already running")
+        stop = set(int(t) for t in p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos))
+        seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
+        seq = Seq(req, self.next_slot, int(seed), int(sample_key), 0,
+                  [int(t) for t in ids], frozenset(stop))
+        self.slots[seq.slot] = seq
+        self.next_slot += 1
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or len(self.window) > 0
+
+    def stats(self) -> dict:
+        return dict(self.scheduler.stats(), last_step_tokens=self.last_step_tokens)
+
+    # ---- rank 0: the loop
+    def step(self) -> list:
+        """One step (see the module docstring); RequestOutputs on rank 0, [] elsewhere."""
+        if self.rank != 0:
+            plan = wait_object(self.world, 0)
+            if not plan.get("end"):
+                self._execute(plan)
+            return []
+        outputs = self.scheduler.take_finished() + self._harvest(block=False)
+        entries = None if self.window.full else self._schedule()
+        if entries is not None:
+            self._launch(entries)
+            outputs += self._harvest(block=False)
+        elif len(self.window):
+            outputs += self._harvest(block=True)
+        elif self.scheduler.has_unfinished() and not outputs:
+            raise RuntimeError(f"scheduler stalled: {self.scheduler.stats()}")
+        return outputs
+
+    def _schedule(self):
+        for i in range(self.lanes):
+            lane = (self.next_lane + i) % self.lanes
+            entries = self.scheduler.schedule(lane)
+            if any(entries):
+                self.next_lane = (lane + 1) % self.lanes
+                return entries
+        return None
+
+    def _launch(self, entries) -> None:
+        plan = {"entries": [[e.pack() for e in rep] for rep in entries],
+                "keep_logits": self.options.keep_logits}
+        self.last_step_tokens = sum(len(e.tokens) for rep in entries for e in rep)
+        self.outbox.broadcast(self.world, plan, 0)
+        step = _Step(entries, {d for d, rep in enumerate(entries) if rep}, {})
+        local = self._execute(plan)
+        if local is not None:
+            step.results[0] = local
+            step.waiting_on.discard(0)
+        self.window.push(step)
+
+    def _harvest(self, block: bool) -> list:
+        """Apply the results of finished micro-batches, oldest first; ``block``: wait
+        for the oldest one."""
+        outputs = []
+        while len(self.window):
+            step = self.window.oldest()
+            for d in sorted(step.waiting_on):
+                if block:
+                    ok, obj = True, wait_object(self.world, self.reporters[d], TAG_RESULT,
+                                                "result")
+                else:
+                    ok, obj = poll_object(self.world, self.reporters[d], TAG_RESULT, "result")
+                if ok:
+                    step.results[d] = obj
+                    step.waiting_on.discard(d)
+            if step.waiting_on:
+                break
+            self.window.pop()
+            outputs += self._apply(step)
+            block = False
+        return outputs
+
+    def _apply(self, step: _Step) -> list:
+        tokens = [step.results[d]["tokens"] if rep else [] for d, rep in enumerate(step.entries)]
+        if self.options.keep_logits:
+            for d, rep in enumerate(step.entries):
+                row = 0
+                for e in rep:
+                    rows = self.logit_rows.setdefault(self.slots[e.slot].request.request_id, {})
+                    for j in range(len(e.tokens)):
+                        rows[e.start + j] = step.results[d]["logits"][row + j]
+                    row += len(e.tokens)
+        outputs = self.scheduler.update(self.slots, step.entries, tokens)
+        finished = {o.request_id for o in outputs if o.finished}
+        self.slots = {k: s for k, s in self.slots.items()
+                      if s.request.request_id not in finished}
+        return outputs
+
+    # ---- every rank: one plan
+    def _execute(self, plan):
+        """Run this rank's part of a plan; rank 0 gets its own replica's result back."""
+        mine = plan["entries"][self.comms.coords.dp]
+        self._slots_seen.update(e[0] for e in mine)
+        self.model.n_seqs = len(self._slots_seen)
+        out = self.model.run_entries(mine, self.pool, plan["keep_logits"])
+        if out is None or self.rank not in self.reporters or not mine:
+            return None
+        result = {"tokens": out[0], "logits": out[1]}
+        if self.rank == 0:
+            return result
+        self.outbox.post(self.world, result, 0, TAG_RESULT, "result")
+        return None
+
+    def run_worker(self) -> None:
+        """Ranks != 0: run plans until rank 0 ends the batch or shuts down."""
+        while True:
+            plan = wait_object(self.world, 0)
+            if plan.get("end"):
+                self.outbox.flush()
+                self.model.pipe.wait_sends()
+                return
+            self._execute(plan)
+
+    def shutdown(self) -> None:
+        """Rank 0: let the workers leave run_worker() (after the last results)."""
+        while len(self.window):
+            self._harvest(block=True)
+        self.outbox.broadcast(self.world, {"end": True}, 0)
+        self.outbox.flush()
+        self.model.pipe.wait_sends()
+
+
+def generate_offline(engine: ServeEngine, requests) -> list[list[int]] | None:
+    """Collective: every request arrives at t=0; rank 0 returns each one's tokens, the
+    other ranks run the steps and return None. The engine can be used again after."""
+    done = _offline(engine, requests)
+    return None if done is None else done[0]
+
+
+def _offline(engine, requests):
+    """-> (tokens per request, time the last first token came) on rank 0, else None."""
+    if engine.rank != 0:
+        engine.run_worker()
+        return None
+    out, firsts, t_first = {}, 0, None
+    for i, req in enumerate(requests):
+        engine.add_request(req, sample_key=i)
+        out[req.request_id] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+            firsts += o.num_generated == 1 and len(o.new_token_ids) == 1
+            if t_first is None and firsts == len(requests):
+                t_first = time.perf_counter()
+    engine.shutdown()
+    return [out[r.request_id] for r in requests], t_first
+
+
+def generate_batch(model, prompts, max_new_tokens: int, sampler, prefill_chunks: int,
+                   keep_logits: bool, decode_microbatches: int | None):
+    """ParallelModel.generate: Generation on world rank 0, None elsewhere."""
+    vocab, layout = model.config.vocab_size, model.comms.layout
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if any(not 0 <= int(t) < vocab for p in prompts for t in p):
+        raise ValueError(f"token ids must be in [0, {vocab})")
+    n, bs = len(prompts), 16
+    # Replica d gets prompts d, d+dp, ... (least loaded first); K chunks: a budget of
+    # 1/K of the largest replica's prompt tokens, never fewer than its sequences.
+    per_replica = [sum(len(p) for p in prompts[d::layout.dp]) for d in range(layout.dp)]
+    budget = max(-(-max(per_replica) // max(1, prefill_chunks)), -(-n // layout.dp))
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    options = EngineOptions(
+        block_size=bs, kv_cache_tokens=bs * sum(blocks_for(len(p) + max_new_tokens, bs)
+                                                for p in prompts),
+        max_num_batched_tokens=budget, max_num_seqs=n, max_model_len=longest,
+        eos_token_ids=[], enable_prefix_caching=not keep_logits,
+        micro_batches=decode_microbatches or 1, keep_logits=keep_logits)
+    engine = ServeEngine(model.comms, model.source, options, model=model)
+    model.decode_steps = max_new_tokens - 1
+    requests = [Request(str(i), [int(t) for t in p],
+                        SamplingParams(max_new_tokens, sampler.temperature, sampler.top_p,
+                                       sampler.seed, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+    barrier(model.comms.world)  # every rank starts the clock together
+    t0 = time.perf_counter()
+    done = _offline(engine, requests)
+    if done is None:
+        return None
+    tokens, t_first = done
+    t_end = time.perf_counter()
+    gen = Generation(tokens=np.array(tokens, dtype=np.int64), ttft_s=t_first - t0,
+                     decode_s=t_end - t_first)
+    if keep_logits:
+        rows = [engine.logit_rows[str(i)] for i in range(n)]
+        gen.prompt_logits = pad_prompt_logits(
+            [np.stack([r[j] for j in range(len(p))])
+             for r, p in zip(rows, prompts, strict=True)], vocab)
+        gen.decode_logits = np.stack([
+            np.stack([r[len(p) - 1 + s] for s in range(max_new_tokens)])
+            for r, p in zip(rows, prompts, strict=True)])
+    return gen
+
+
+__all__ = ["EngineOptions", "ServeEngine", "generate_offline", "generate_batch", "Entry"]
