@@ -198,11 +198,15 @@ class _Web:
     """Rank 0's HTTP side: bound at once, serving (503) while the engine loads."""
 
     def __init__(self, args, source):
-        import uvicorn
+        try:
+            import uvicorn
 
-        from .api import create_app
-        from .driver import Driver
-        from .metrics import ServeMetrics
+            from .api import create_app
+            from .driver import Driver
+            from .metrics import ServeMetrics
+        except ImportError as e:
+            raise ImportError(f"the server needs {e.name}: pip install 'mpipar[serve]'") \
+                from None
         self.args = args
         self.sock = listen(args.host, args.port)
         limit = args.max_model_len or source.config.max_position_embeddings
@@ -226,7 +230,7 @@ class _Web:
         args = self.args
         host, port = self.sock.getsockname()[:2]
         self.driver.engine = engine
-        limit = getattr(getattr(engine, "options", None), "max_model_len", None)
+        limit = getattr(engine, "max_model_len", None)
         if limit:
             self.model.max_model_len = limit
         self.driver.ready.set()
