@@ -195,8 +195,8 @@ def parse_args(argv):
     p.add_argument("--online-layouts", default="tp1")
     p.add_argument("--rate-factors", default="0.5,0.9",
                    help="Poisson rates as fractions of the offline tp1 requests/s")
-    p.add_argument("--slo-ttft-ms", type=float, default=5000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=300.0)
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--torch", choices=("auto", "off"), default="auto")
     p.add_argument("--torch-python", help="a Python where torch + transformers import")
     p.add_argument("--seed", type=int, default=0)

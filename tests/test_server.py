@@ -178,8 +178,10 @@ def test_four_ranks_pp_tp_api_key_and_sigterm():
     assert "mpipar serve: stopped" in job.output()
 
 
-def test_a_dead_rank_ends_the_job(text_model):
-    with ServerJob(2, ["--model", text_model, "--tp", "2"]) as job:
+def test_all_interfaces_warning_and_a_dead_rank_ends_the_job(text_model):
+    with ServerJob(2, ["--model", text_model, "--tp", "2", "--host", "0.0.0.0"]) as job:
+        assert "warning: listening on all interfaces" in job.output()
+        assert f"listening on http://{socket.gethostname()}:" in job.output()
         ranks = {rank: pid for pid, rank in job.pids().items() if rank is not None}
         assert sorted(ranks) == [0, 1], job.pids()
         os.kill(ranks[1], signal.SIGKILL)

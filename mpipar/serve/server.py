@@ -236,8 +236,11 @@ class _Web:
         self.driver.ready.set()
         print(f"mpipar serve: {world_size} ranks, {layout.describe().splitlines()[0]}, "
               f"model {source.describe()} as {self.model.names[0]!r}", flush=True)
+        where = socket.gethostname() if args.host in WILDCARD_HOSTS else host
+        if ":" in where:
+            where = f"[{where}]"
         print(f"mpipar serve: rank 0 on host {socket.gethostname()} listening on "
-              f"http://{host}:{port}", flush=True)
+              f"http://{where}:{port}", flush=True)
         if args.host in WILDCARD_HOSTS and not args.api_key:
             print(f"warning: listening on all interfaces ({args.host or '*'}) without an "
                   "API key: anyone who can reach this host can use the server "
