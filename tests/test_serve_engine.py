@@ -9,6 +9,7 @@ every rank's ledger must equal the cost model's prediction.
 
 import itertools
 import os
+import time
 
 import numpy as np
 import pytest
@@ -145,6 +146,23 @@ def test_bad_requests_are_refused_and_offline_batches_repeat(world, fixtures_dir
     if world.Get_rank() == 0:
         assert first == second and all(len(t) == 4 for t in first)
         assert engine.stats()["prefix_cache_hit_tokens"] > 0
+    if world.Get_rank() == 0:  # abort: frees the blocks once nothing of it is in flight
+        engine.add_request(Request("a", list(range(1, 30)), SamplingParams(max_tokens=8)))
+        engine.step()
+        assert engine.stats()["kv_blocks_used"] > 0
+        engine.abort("a")
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        assert [(o.request_id, o.finished, o.finish_reason) for o in outs] == [
+            ("a", True, "abort")]
+        assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished()
+        time.sleep(0.5)  # the workers wait for a plan meanwhile: they must sleep
+        engine.shutdown()
+    else:
+        cpu = time.process_time()
+        engine.run_worker()
+        assert time.process_time() - cpu < 0.25  # of 0.5 s idle (spinning would be ~0.5)
     with pytest.raises(ValueError, match="too few"):
         ServeEngine(make_comms(Layout(pp=n), world), source,
                     EngineOptions(**dict(OPTIONS, kv_cache_tokens=36)))

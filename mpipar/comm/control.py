@@ -12,7 +12,7 @@ plan that world rank 0 sends every rank, ``result`` for the tokens coming back):
 plan of a step over W ranks costs (W-1) * its pickled size at the root. Sends are
 non-blocking (a root never waits for a busy rank to take its plan, and two ranks sending
 each other never deadlock); a receiver waits by probing with growing sleeps (10 us up to
-50 ms), so idle workers of a server sleep instead of spinning on the cores.
+20 ms), so idle workers of a server sleep instead of spinning on the cores.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pickle
 import time
 
 TAG_PLAN = 31
-SLEEP_FIRST_S, SLEEP_MAX_S, SLEEP_GROWTH = 1e-5, 0.05, 1.3
+SLEEP_FIRST_S, SLEEP_MAX_S, SLEEP_GROWTH = 1e-5, 0.02, 1.3
 
 
 class RemoteError(RuntimeError):

@@ -159,16 +159,18 @@ class ServeEngine:
             if not plan.get("end"):
                 self._execute(plan)
             return []
-        outputs = self.scheduler.take_finished() + self._harvest(block=False)
+        outputs = self._harvest(block=False)
         entries = None if self.window.full else self._schedule()
         if entries is not None:
             self._launch(entries)
             outputs += self._harvest(block=False)
         elif len(self.window):
             outputs += self._harvest(block=True)
-        elif self.scheduler.has_unfinished() and not outputs:
-            raise RuntimeError(f"scheduler stalled: {self.scheduler.stats()}")
-        return outputs
+        else:
+            outputs += self.scheduler.take_finished()  # aborted while scheduling
+            if not outputs and self.scheduler.has_unfinished():
+                raise RuntimeError(f"scheduler stalled: {self.scheduler.stats()}")
+        return outputs + self.scheduler.take_finished()
 
     def _schedule(self):
         for i in range(self.lanes):

@@ -139,7 +139,8 @@ class Scheduler:
     def _schedule_replica(self, d: int, lane: int) -> list[Entry]:
         pool, budget, entries, chosen = self.pools[d], self.budget, [], set()
         preempted_before = self.num_preemptions
-        ready = [s for s in self.running[d] if s.lane == lane and not s.awaiting]
+        ready = [s for s in self.running[d]
+                 if s.lane == lane and not s.awaiting and not s.aborted]
         ready.sort(key=lambda s: (len(s.tokens) - s.num_computed > 1, s.admitted))
         for seq in ready:
             if budget == 0:
