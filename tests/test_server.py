@@ -159,7 +159,17 @@ def test_metrics_after_requests(tp2):
     assert re.search(r"^mpipar:e2e_request_latency_seconds_count\{[^}]*\} [1-9]", text, re.M)
 
 
-def test_four_ranks_pp_tp_api_key_and_sigterm():
+def cpu_seconds(pids) -> float:
+    """User + system CPU seconds of these processes so far (/proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_four_ranks_pp_tp_api_key_idle_and_sigterm():
     model = os.path.join(fixtures(), "qwen3-moe-tiny")
     job = ServerJob(4, ["--model", model, "--tensor-parallel-size", "2",
                         "--pipeline-parallel-size", "2", *SMALL_POOL],
@@ -171,7 +181,12 @@ def test_four_ranks_pp_tp_api_key_and_sigterm():
         prompts, lens = prompts_and_lens(5, 8, 256)
         assert concurrent_completions(job, model, prompts, lens, key="k3y") == \
             reference(model, prompts, lens)
-        assert sorted(r for r in job.pids().values() if r is not None) == [0, 1, 2, 3]
+        ranks = {pid: r for pid, r in job.pids().items() if r is not None}
+        assert sorted(ranks.values()) == [0, 1, 2, 3]
+        busy = cpu_seconds(ranks)
+        time.sleep(2.0)
+        idle_cores = (cpu_seconds(ranks) - busy) / 2.0
+        assert idle_cores < 0.25, f"an idle server keeps {idle_cores:.2f} cores busy"
         code = job.stop(signal.SIGTERM)
         assert code == 0 and job.stop_s < 10, (code, job.stop_s, job.output()[-3000:])
         assert job.pids() == {}, "processes outlived mpirun"
