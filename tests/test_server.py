@@ -159,6 +159,15 @@ def test_metrics_after_requests(tp2):
     assert re.search(r"^mpipar:e2e_request_latency_seconds_count\{[^}]*\} [1-9]", text, re.M)
 
 
+def metrics(job, key) -> str:
+    """The /metrics lines of running requests that are not zero ('' if none)."""
+    import urllib.request
+    req = urllib.request.Request(job.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    return "\n".join(ln for ln in text.splitlines()
+                     if ln.startswith("mpipar:num_requests_running") and not ln.endswith(" 0.0"))
+
+
 def cpu_seconds(pids) -> float:
     """User + system CPU seconds of these processes so far (/proc/PID/stat)."""
     total = 0
@@ -187,8 +196,19 @@ def test_four_ranks_pp_tp_api_key_idle_and_sigterm():
         time.sleep(2.0)
         idle_cores = (cpu_seconds(ranks) - busy) / 2.0
         assert idle_cores < 0.25, f"an idle server keeps {idle_cores:.2f} cores busy"
+        from mpipar.serve.loadgen import stream_one
+        streamed = []  # a long request still streaming when SIGTERM comes
+        t = threading.Thread(target=lambda: streamed.append(stream_one(
+            job.url, [5] * 10, 115, {"Authorization": "Bearer k3y"})))
+        t.start()
+        t_end = time.monotonic() + 30
+        while "mpipar:num_requests_running" not in metrics(job, "k3y") and \
+                time.monotonic() < t_end:
+            time.sleep(0.1)
         code = job.stop(signal.SIGTERM)
+        t.join(10)
         assert code == 0 and job.stop_s < 10, (code, job.stop_s, job.output()[-3000:])
+        assert streamed and "shutting down" in str(streamed[0]["error"]), streamed
         assert job.pids() == {}, "processes outlived mpirun"
     assert "mpipar serve: stopped" in job.output()
 

@@ -248,23 +248,27 @@ class _Web:
         if args.gpu_memory_utilization is not None:
             print("note: --gpu-memory-utilization is not used; the KV pool is sized by "
                   "--kv-cache-tokens", file=sys.stderr, flush=True)
-        watcher = threading.Thread(target=_watch, args=(stop, self.driver, self.thread),
-                                   daemon=True)
+        http_died = threading.Event()
+        watcher = threading.Thread(target=_watch, daemon=True,
+                                   args=(stop, self.driver, self.thread, http_died))
         watcher.start()
         try:
             self.driver.run()
-        finally:
-            engine.shutdown()
-            self.close()
+        except BaseException:  # the engine failed: runner.main aborts the whole job
+            self.server.should_exit = True
+            raise
+        engine.shutdown()  # the workers leave run_worker()
+        self.close()
         print("mpipar serve: stopped", flush=True)
-        return 0
+        return 1 if http_died.is_set() else 0
 
 
-def _watch(stop: threading.Event, driver, http_thread) -> None:
+def _watch(stop: threading.Event, driver, http_thread, http_died) -> None:
     """A signal, or an HTTP thread that died: stop the driver loop (on the main thread)."""
     while not stop.wait(0.2):
         if not http_thread.is_alive():
             print("error: the HTTP server stopped", file=sys.stderr, flush=True)
+            http_died.set()
             break
     driver.stop()
 
