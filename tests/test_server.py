@@ -231,7 +231,6 @@ def test_all_interfaces_warning_and_a_dead_rank_ends_the_job(text_model):
 
 def test_bad_flags_and_taken_port_exit_2_with_one_message(text_model):
     for args, says in ((["--model", text_model, "--tp", "3"], "tp*dp*pp"),
-                       (["--model", text_model, "--max-num-seqs", "0"], "--max-num-seqs"),
                        (["--model", text_model, "--bogus"], "unrecognized arguments")):
         out = run_mpi(2, [PROGRAM, *args], timeout=60)
         errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
@@ -246,3 +245,26 @@ def test_bad_flags_and_taken_port_exit_2_with_one_message(text_model):
     errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
     assert out.returncode == 2 and len(errors) == 1 and "cannot listen" in errors[0], \
         (out.stdout, out.stderr)
+
+
+def test_bench_serve_quick(tmp_path):
+    """programs/bench_serve.py --quick: offline rows, an online row, the JSON it promises."""
+    from mpipar.launch import clean_env
+    out = tmp_path / "serve.json"
+    bench = os.path.join(os.path.dirname(PROGRAM), "bench_serve.py")
+    proc = subprocess.run([sys.executable, bench, "--quick", "--layouts", "tp1,dp2",
+                           "--rate-factors", "0.5", "--json", str(out)], env=clean_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert [(r["layout"], r["workload"]) for r in records] == \
+        [("tp1", "offline"), ("dp2", "offline"), ("tp1", "poisson")]
+    for r in records:
+        for key in ("impl", "requests", "output_tokens", "seconds", "output_tokens_per_s"):
+            assert key in r, (key, r)
+        assert r["output_tokens"] > 0 and r["output_tokens_per_s"] > 0
+    assert all(r["roofline_output_tokens_per_s"] > 0 for r in records[:2])
+    online = records[2]
+    assert online["completed"] == online["requests"] and online["failed"] == 0
+    assert online["ttft"]["p99_ms"] >= online["ttft"]["median_ms"] > 0
+    assert " impl " in proc.stdout and "poisson" in proc.stdout
