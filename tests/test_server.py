@@ -58,6 +58,8 @@ def tp2(text_model):
     with ServerJob(2, ["--model", text_model, "--tp", "2", "--served-model-name", "tiny",
                        *SMALL_POOL]) as job:
         yield job
+        code = job.stop(signal.SIGINT)  # Ctrl-C: mpirun forwards it to every rank
+        assert code == 0 and job.stop_s < 10, (code, job.stop_s, job.output()[-3000:])
 
 
 def client(job, key="none"):

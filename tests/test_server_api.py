@@ -232,8 +232,12 @@ def test_malformed_json_unknown_model_and_no_template(server, fixtures_dir):
     r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": [1,', timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": [1]}', timeout=30)
+    assert r.status_code == 400 and "Content-Type: application/json" in r.text
     r = httpx.post(server.url + "/v1/completions", json={"model": "gpt-9", "prompt": [1]})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
     bare = InProcessServer(os.path.join(fixtures_dir, "qwen3-tiny"))
     try:
         r = httpx.post(bare.url + "/v1/chat/completions", timeout=30,

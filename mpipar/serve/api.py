@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ChatTemplateError
 from .detok import TextStream
@@ -55,13 +56,20 @@ def create_app(model: ServedModel, driver, metrics, api_key: str | None = None) 
     app = FastAPI(title="mpipar", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if "json" not in request.headers.get("content-type", ""):
+            return _error(400, "the body must be JSON (Content-Type: application/json)")
         if first.get("type") == "json_invalid":
             return _error(400, f"malformed JSON body: {first.get('msg', '')}")
         return _error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
                       loc[0] if loc else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):  # 404, 405 as OpenAI bodies
+        return _error(exc.status_code, str(exc.detail), kind="NotFoundError"
+                      if exc.status_code == 404 else "BadRequestError")
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
