@@ -100,7 +100,6 @@ class ServeEngine:
         self.reporters = [layout.rank_of(tp=0, dp=d, pp=layout.pp - 1)
                           for d in range(layout.dp)]
         self.outbox = Outbox()
-        self._slots_seen = set()
         if self.rank != 0:
             return
         self.eos = list(o.eos_token_ids) if o.eos_token_ids is not None else eos_token_ids(source)
@@ -224,8 +223,6 @@ class ServeEngine:
     def _execute(self, plan):
         """Run this rank's part of a plan; rank 0 gets its own replica's result back."""
         mine = plan["entries"][self.comms.coords.dp]
-        self._slots_seen.update(e[0] for e in mine)
-        self.model.n_seqs = len(self._slots_seen)
         out = self.model.run_entries(mine, self.pool, plan["keep_logits"])
         if out is None or self.rank not in self.reporters or not mine:
             return None
