@@ -269,15 +269,26 @@ def test_api_key_and_health_before_ready(fixtures_dir):
         s.close()
 
 
-def test_disconnect_mid_stream_aborts(server):
-    body = {"prompt": [1, 2, 3], "max_tokens": 100, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-        first = next(ln for ln in r.iter_lines() if ln)
-        assert first.startswith("data: ")
-    t_end = time.monotonic() + 10
-    while server.engine.running and time.monotonic() < t_end:
-        time.sleep(0.05)
-    assert not server.engine.running, "the engine still runs the abandoned request"
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts(server, stream):
+    body = {"prompt": [1, 2, 3], "max_tokens": 120, "stream": stream, "ignore_eos": True}
+    aborts = len(server.engine.abort_log)
+    server.engine.step_delay_s = 0.05  # 120 steps: 6 s, far longer than the wait below
+    try:
+        if stream:
+            with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                              timeout=30) as r:
+                assert next(ln for ln in r.iter_lines() if ln).startswith("data: ")
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+        t_end = time.monotonic() + 3
+        while server.engine.running and time.monotonic() < t_end:
+            time.sleep(0.05)
+        assert not server.engine.running, "the engine still runs the abandoned request"
+        assert len(server.engine.abort_log) == aborts + 1
+    finally:
+        server.engine.step_delay_s = 0.0
 
 
 def test_metrics(server):

@@ -71,14 +71,8 @@ def create_app(model: ServedModel, driver, metrics, api_key: str | None = None) 
         return _error(exc.status_code, str(exc.detail), kind="NotFoundError"
                       if exc.status_code == 404 else "BadRequestError")
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                              kind="AuthenticationError")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_KeyCheck, key=api_key)
 
     @app.get("/health")
     async def health():
@@ -156,6 +150,23 @@ def create_app(model: ServedModel, driver, metrics, api_key: str | None = None) 
     return app
 
 
+class _KeyCheck:
+    """ASGI middleware: ``Authorization: Bearer KEY`` on every path but /health. (A plain
+    ASGI wrapper: Starlette's BaseHTTPMiddleware would hide client disconnects.)"""
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.want):
+                response = _error(401, "missing or wrong API key (Authorization: Bearer "
+                                  "KEY)", kind="AuthenticationError")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class _Job:
     """The engine requests of one HTTP request, turned into OpenAI response objects."""
 
@@ -221,10 +232,14 @@ class _Job:
 
     async def whole(self, request: Request):
         try:
+            next_check = time.monotonic() + DISCONNECT_POLL_S
             while self.open_ids():
                 try:
                     await asyncio.wait_for(self.next_events(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() >= next_check:  # the client may have gone
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         return Response(status_code=499)
         except ServerClosing as e:
