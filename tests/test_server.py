@@ -117,6 +117,10 @@ def test_openai_client_text_stream_and_chat(tp2, text_model):
                                        temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+    sampled = [c.completions.create(model="tiny", prompt=[4, 2], max_tokens=12, seed=seed,
+                                    temperature=1.0, extra_body={"return_token_ids": True})
+               .choices[0].token_ids for seed in (11, 11, 12)]
+    assert sampled[0] == sampled[1] != sampled[2]  # a seed fixes the draw
     msgs = [{"role": "user", "content": "Split me over two ranks."}]
     chat = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=6,
                                      temperature=0, extra_body={"return_token_ids": True})

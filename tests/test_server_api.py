@@ -199,6 +199,10 @@ def test_stop_string_and_stop_token_id(server):
     assert r.choices[0].text == text[:text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].model_extra["stop_reason"] == stop
+    chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                       temperature=0, stop=stop, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == text[:text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 BAD = [
