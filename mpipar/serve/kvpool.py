@@ -13,7 +13,9 @@ bookkeeping (``BlockManager``, one per replica) and the plan carries the tables.
 Attention reads a sequence through ``PagedKV``, which offers what the contiguous
 ``layers.KVCache`` offers (``length`` and ``append(k, v) -> (K, V)`` views
 ``[S, Hkv, D]``): ``layers.attention`` runs unchanged on either. The view gathers the
-table's blocks (a copy of ``S * Hkv_l * D`` values per layer and step).
+table's blocks (a copy of ``S * Hkv_l * D`` values per layer and step), or takes a view
+when the table is consecutive blocks (``generate`` reserves whole sequences up front in a
+fresh pool, so there it never copies).
 
 Prefix caching: a full block's hash is ``sha256(parent hash + its token ids)``, so equal
 hashes mean equal whole prefixes. A block whose tokens are all scheduled is registered
@@ -47,10 +49,11 @@ def extend_hashes(hashes: list, tokens, block_size: int) -> None:
 class PagedKV:
     """One sequence's keys/values of one layer, read and written through its block table."""
 
-    def __init__(self, xp, k_pool, v_pool, table, length: int):
+    def __init__(self, xp, k_pool, v_pool, table, length: int, first: int | None = None):
         self.xp, self.k_pool, self.v_pool = xp, k_pool, v_pool
         self.table = xp.asarray(np.asarray(table, dtype=np.int64))  # [blocks]
         self.length = length  # positions already in the cache (this chunk starts here)
+        self.first = first  # set when the table is first, first+1, ...: views, no copy
 
     def append(self, k, v):
         """k, v [t, Hkv, D] at positions length .. length+t-1 -> K, V [S, Hkv, D]."""
@@ -64,8 +67,11 @@ class PagedKV:
         self.k_pool[blocks, offsets] = k
         self.v_pool[blocks, offsets] = v
         self.length = end
-        used = self.table[:blocks_for(end, bs)]
         shape = (-1,) + self.k_pool.shape[2:]
+        if self.first is not None:
+            used = slice(self.first, self.first + blocks_for(end, bs))
+        else:
+            used = self.table[:blocks_for(end, bs)]
         return (self.k_pool[used].reshape(shape)[:end],
                 self.v_pool[used].reshape(shape)[:end])
 
@@ -84,7 +90,11 @@ class KVPool:
 
     def sequence(self, table, length: int) -> list[PagedKV]:
         """One PagedKV per local layer for a sequence with ``length`` cached positions."""
-        return [PagedKV(self.xp, k, v, table, length) for k, v in zip(self.k, self.v, strict=True)]
+        table = [int(b) for b in table]
+        consecutive = table == list(range(table[0], table[0] + len(table))) if table else False
+        first = table[0] if consecutive else None
+        return [PagedKV(self.xp, k, v, table, length, first)
+                for k, v in zip(self.k, self.v, strict=True)]
 
     @property
     def nbytes(self) -> int:
