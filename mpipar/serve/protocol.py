@@ -116,6 +116,15 @@ class ChatRequest(_Common):
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.tools:
+            raise RequestError("tools (function calling) are not supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise RequestError("response_format other than text is not supported")
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
