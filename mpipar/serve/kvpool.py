@@ -51,7 +51,7 @@ class PagedKV:
 
     def __init__(self, xp, k_pool, v_pool, table, length: int, first: int | None = None):
         self.xp, self.k_pool, self.v_pool = xp, k_pool, v_pool
-        self.table = xp.asarray(np.asarray(table, dtype=np.int64))  # [blocks]
+        self.table = table  # [blocks] host ints
         self.length = length  # positions already in the cache (this chunk starts here)
         self.first = first  # set when the table is first, first+1, ...: views, no copy
 
@@ -59,21 +59,24 @@ class PagedKV:
         """k, v [t, Hkv, D] at positions length .. length+t-1 -> K, V [S, Hkv, D]."""
         xp, bs = self.xp, self.k_pool.shape[1]
         end = self.length + k.shape[0]
-        if end > self.table.shape[0] * bs:
-            raise ValueError(f"block table of {self.table.shape[0]} blocks holds "
-                             f"{self.table.shape[0] * bs} positions, not {end}")
-        pos = xp.arange(self.length, end)
-        blocks, offsets = self.table[pos // bs], pos % bs
-        self.k_pool[blocks, offsets] = k
-        self.v_pool[blocks, offsets] = v
-        self.length = end
+        if end > len(self.table) * bs:
+            raise ValueError(f"block table of {len(self.table)} blocks holds "
+                             f"{len(self.table) * bs} positions, not {end}")
         shape = (-1,) + self.k_pool.shape[2:]
-        if self.first is not None:
+        if self.first is not None:  # consecutive blocks: one view of them
             used = slice(self.first, self.first + blocks_for(end, bs))
+            keys, values = self.k_pool[used].reshape(shape), self.v_pool[used].reshape(shape)
+            keys[self.length:end], values[self.length:end] = k, v
         else:
-            used = self.table[:blocks_for(end, bs)]
-        return (self.k_pool[used].reshape(shape)[:end],
-                self.v_pool[used].reshape(shape)[:end])
+            table = xp.asarray(np.asarray(self.table, dtype=np.int64))
+            pos = xp.arange(self.length, end)
+            blocks, offsets = table[pos // bs], pos % bs
+            self.k_pool[blocks, offsets] = k
+            self.v_pool[blocks, offsets] = v
+            used = table[:blocks_for(end, bs)]
+            keys, values = self.k_pool[used].reshape(shape), self.v_pool[used].reshape(shape)
+        self.length = end
+        return keys[:end], values[:end]
 
 
 class KVPool:
