@@ -51,6 +51,16 @@ def oversubscribe_flags() -> list[str]:
 def run_mpi(n: int, args: list[str], timeout: float = 300, env: dict | None = None,
             cwd: str | None = None) -> subprocess.CompletedProcess:
     """Run ``mpirun -n N python ARGS...``; returns the CompletedProcess (text output)."""
-    cmd = [mpirun_path(), *oversubscribe_flags(), "-n", str(n), sys.executable, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(mpi_command(n, args), capture_output=True, text=True, timeout=timeout,
                           env=clean_env(env), cwd=cwd)
+
+
+def mpi_command(n: int, args: list[str]) -> list[str]:
+    return [mpirun_path(), *oversubscribe_flags(), "-n", str(n), sys.executable, *args]
+
+
+def start_mpi(n: int, args: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
+    """Start ``mpirun -n N python ARGS...`` without waiting (a server); in its own
+    session, so the caller can end the whole job (os.killpg) whatever happens."""
+    return subprocess.Popen(mpi_command(n, args), env=clean_env(env),
+                            start_new_session=True, **popen)

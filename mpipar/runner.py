@@ -27,14 +27,19 @@ class UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # raise instead of printing on every rank
         raise UsageError(f"{self.prog}: {message}")
+
+    def print_help(self, file=None):  # --help: once, from world rank 0
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            super().print_help(file)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .parallel.eplb import add_eplb_arguments
-    p = _Parser(prog="transformer.py", description=(
+    p = Parser(prog="transformer.py", description=(
         "Run a Qwen3 / Qwen3-MoE model split over MPI ranks (tp*pp*dp ranks)."))
     m = p.add_argument_group("model")
     m.add_argument("--model", help="Hugging Face folder (config.json + safetensors)")
@@ -139,17 +144,64 @@ def check_lengths(prompts, max_new_tokens: int, max_model_len, config) -> None:
                          f"{max_new_tokens} = {total} > {what} ({limit})")
 
 
+# ---- the steps every program that runs a model over MPI shares (transformer.py, serve.py)
+def bad_input_errors() -> tuple:
+    """The exception types that mean "bad flags, layout, config or checkpoint": exit 2."""
+    from .layout import LayoutError
+    from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
+    return (UsageError, LayoutError, ConfigError, CheckpointError, ValueError, OSError)
+
+
+def open_job(args, world_size: int):
+    """-> (layout, source, device) from args.tp/pp/dp/ep, model, preset, seed, device;
+    the same checks on every rank (raises one of bad_input_errors())."""
+    from .backend import select_device
+    from .layout import Layout
+    from .model.init import open_model
+    from .parallel.shard import check_layout
+    layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
+    layout.check_world(world_size)
+    source = open_model(args.model, args.preset, args.seed)
+    check_layout(source.config, layout)
+    return layout, source, select_device(args.device)
+
+
+def connect(device: str, layout, world, ledger, say):
+    """Collective: bind this rank's GPU (device "gpu") and split the layout's Comms."""
+    from .layout import make_comms
+    xp, transport = np, None
+    if device == "gpu":
+        from .backend import Transport, bind_gpu, cuda_aware
+        xp, gpu, node_ranks, gpus = bind_gpu(world)
+        transport = Transport(xp, cuda_aware(), ledger)
+        if node_ranks > gpus:
+            say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
+        if not transport.aware:
+            say("note: MPI is not CUDA-aware here; staging through pinned host buffers")
+    return make_comms(layout, world, ledger, xp, transport)
+
+
+def build_together(comms, build):
+    """Collective: ``build()`` on every rank; if it failed anywhere (a shard that cannot
+    be read, memory), every rank raises the same RemoteError instead of waiting."""
+    from .comm.control import agree
+    from .model.checkpoint import CheckpointError
+    error, built = None, None
+    try:
+        built = build()
+    except (CheckpointError, ValueError, OSError, MemoryError) as e:
+        error = e
+    agree(comms.world, error)
+    return built
+
+
 def run(argv, world=None) -> int:
     """The program; returns the exit code (0 ok, 1 check failed, 2 bad input)."""
     from mpi4py import MPI
 
-    from .comm.control import RemoteError, agree
-    from .layout import Layout, LayoutError, make_comms
-    from .model.checkpoint import CheckpointError
-    from .model.config import ConfigError
-    from .model.init import open_model
+    from .comm.control import RemoteError
     from .parallel.eplb import check_eplb_arguments
-    from .parallel.shard import check_layout
 
     world = MPI.COMM_WORLD if world is None else world
     rank = world.Get_rank()
@@ -160,33 +212,20 @@ def run(argv, world=None) -> int:
 
     try:
         args = parse_args(argv)
-        layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
-        layout.check_world(world.Get_size())
-        source = open_model(args.model, args.preset, args.seed)
+        layout, source, device = open_job(args, world.Get_size())
         config = source.config
-        check_layout(config, layout)
         eplb = check_eplb_arguments(args, config, layout)
         prompts, tokenizer = parse_prompts(args, config.vocab_size)
         check_lengths(prompts, args.max_new_tokens, args.max_model_len, config)
-        from .backend import select_device
-        device = select_device(args.device)
-    except (UsageError, LayoutError, ConfigError, CheckpointError, ValueError, OSError) as e:
+    except bad_input_errors() as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
 
     from .comm.ledger import Ledger
     from .reporting import print_report, run_record, write_outputs
     ledger = Ledger(trace=bool(args.trace))
-    xp, transport = np, None
-    if device == "gpu":
-        from .backend import Transport, bind_gpu, cuda_aware
-        xp, gpu, node_ranks, gpus = bind_gpu(world)
-        transport = Transport(xp, cuda_aware(), ledger)
-        if node_ranks > gpus:
-            say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
-        if not transport.aware:
-            say("note: MPI is not CUDA-aware here; staging through pinned host buffers")
-    comms = make_comms(layout, world, ledger, xp, transport)
+    comms = connect(device, layout, world, ledger, say)
+    xp = comms.xp
     say(f"mpipar: {world.Get_size()} ranks, model {source.describe()}, device {device}")
     say(layout.describe())
     hosts = world.gather(socket.gethostname(), root=0)
@@ -198,15 +237,10 @@ def run(argv, world=None) -> int:
     from .parallel.engine import ParallelModel
     dtype = compute_dtype(args.dtype, xp, config.dtype)
     say(f"dtype {dtype.name} (weights, activations, KV cache; --dtype {args.dtype})")
-    error = None
     try:
         t = time.perf_counter()
-        model = ParallelModel(comms, source, xp, dtype, eplb)
+        model = build_together(comms, lambda: ParallelModel(comms, source, xp, dtype, eplb))
         load_s = time.perf_counter() - t
-    except (CheckpointError, ValueError, OSError, MemoryError) as e:
-        error = e
-    try:
-        agree(comms.world, error)
     except RemoteError as e:
         say(f"error while loading: {e}", file=sys.stderr)
         return 2
@@ -312,11 +346,12 @@ def compare(gen, ref, tol=1e-4, outlier_rows: int = 0) -> str:
     return f"pass ({beyond} of {rows} logit rows beyond {tol:.3g})" if beyond else "pass"
 
 
-def main(argv=None) -> None:
-    """Entry point: exit with run()'s code; an unexpected error aborts the whole job."""
+def main(argv=None, program=None) -> None:
+    """Entry point: exit with the code of ``program`` (default run); an unexpected error
+    aborts the whole job."""
     from mpi4py import MPI
     try:
-        code = run(sys.argv[1:] if argv is None else argv)
+        code = (program or run)(sys.argv[1:] if argv is None else argv)
     except SystemExit:
         raise
     except BaseException:

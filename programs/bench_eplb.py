@@ -39,7 +39,9 @@ import statistics
 import sys
 import time
 
-import mpipar  # noqa: F401  (one BLAS thread per rank, before numpy loads)
+import mpipar
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 from mpipar.benchkit import (  # noqa: E402
     LoadProbe,
     ints,

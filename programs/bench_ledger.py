@@ -59,15 +59,15 @@ WHY = {
     "tp_argmax": "not in the seed: greedy pick over the vocab-parallel head, all-gather of "
                  "(max, id) = 12 bytes per sequence per step",
     "tp_logits": "not in the seed: full logits all-gathered (only with --check/--save-logits)",
-    "pp_tokens": "not in the seed: token ids last stage -> stage 0, 8 bytes per sequence "
-                 "per decode step",
+    "control": "not model traffic: each step's plan, world rank 0 -> every rank (token ids, "
+               "positions, block tables); it carries the sampled tokens to stage 0",
     "ep_counts": "not in the seed: one int64 row count to each peer per MoE layer and "
                  "forward, whatever the number of tokens",
     "eplb_load": "not in the seed: EPLB, per rebalance an all-reduce of [MoE layers, X] "
                  "int64 expert loads over the EP group",
     "eplb_weights": "not in the seed: EPLB, whole expert copies (3*h*m*b) moved per "
                     "rebalance",
-    "result": "not model traffic: results to world rank 0 at the end",
+    "result": "not model traffic: each step's sampled tokens, last stage -> world rank 0",
 }
 
 

@@ -34,7 +34,9 @@ import json
 import os
 import sys
 
-import mpipar  # noqa: F401  (one BLAS thread per rank, before numpy loads)
+import mpipar
+
+mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
 from mpipar.benchkit import (  # noqa: E402
     LoadProbe,
     launch_worker,

@@ -19,7 +19,6 @@ from mpi4py import MPI
 from mpipar import backend
 from mpipar.layout import Layout, make_comms
 from mpipar.model.checkpoint import CheckpointReader
-from mpipar.model.sampling import Sampler
 from mpipar.parallel.engine import ParallelModel
 
 MODULES = ("mpipar.model.layers", "mpipar.parallel.moe", "mpipar.parallel.tp",
@@ -48,7 +47,7 @@ def test_host_transfers_per_decode_step(fixtures_dir, monkeypatch, name):
     for fn in ("nonzero", "flatnonzero", "argwhere", "unique", "bincount"):
         monkeypatch.setattr(f"numpy.{fn}", syncs_on_a_gpu)
     x, _ = model.stage_forward([[7], [9]], caches)
-    model.pick(x, Sampler(), False, [0, 1], 1)
+    model.pick(x, [(0.0, 1.0, None, 0, 1), (0.0, 1.0, None, 1, 1)])  # two greedy rows
     monkeypatch.undo()
     moe_layers = sum(source.config.is_moe_layer(i) for i in range(source.config.num_layers))
     assert len(calls) == moe_layers + 2, calls  # + argmax: the best value and its index

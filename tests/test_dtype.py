@@ -267,7 +267,10 @@ def test_program_dtype_flag(fixtures_dir, tmp_path):
     rec = json.load(open(js))
     assert rec["check"] == "pass" and rec["dtype"] == "bfloat16"
     c = _source(folder).config
-    per_rank_kv = (len(prompt) + 6) * c.num_layers * (c.num_kv_heads // 2) * c.head_dim * 2 * 2
+    from mpipar.serve.kvpool import blocks_for
+    from mpipar.serve.offline import BLOCK_SIZE
+    tokens = BLOCK_SIZE * blocks_for(len(prompt) + 6, BLOCK_SIZE)  # whole blocks of the pool
+    per_rank_kv = tokens * c.num_layers * (c.num_kv_heads // 2) * c.head_dim * 2 * 2
     assert [r["kv_cache_bytes"] for r in rec["ranks"]] == [per_rank_kv] * 2
     ar = rec["ledger"]["tp_allreduce"]
     assert ar["measured_bytes"] == ar["predicted_bytes"] and min(ar["measured_bytes"]) > 0

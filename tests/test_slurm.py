@@ -159,3 +159,69 @@ def test_cpu_tests_script_runs_pytest_at_1_and_4_ranks(cluster, tmp_path):
     assert "=== pass 1: 1 process" in text and "=== pass 2: 4 ranks (srun) ===" in text, why
     assert len(re.findall(r"^\d+ passed", text, re.M)) >= 2, why
     assert "mpipar-tests: passed" in text, why
+
+
+def test_serve_script_serves_and_ends_on_scancel(cluster, tmp_path):
+    """slurm/serve.sh on both nodes (one rank each, PP=2): /health on the host rank 0
+    reports, a completion, then scancel ends every rank."""
+    import json
+    import time
+    import urllib.request
+
+    from mpipar.launch import mpirun_path
+    script = os.path.join(ROOT, "slurm", "serve.sh")
+    job_env = {"MPIPAR_DEVICE": "cpu", "MPIPAR_PYTHON": sys.executable, "MPIPAR_ROOT": ROOT,
+               "MPIPAR_SRUN_MPI": "pmi2", "MPIPAR_MPIRUN": mpirun_path(),
+               "MPIPAR_TP": "1", "MPIPAR_PP": "2", "MPIPAR_PORT": "0",
+               "MPIPAR_API_KEY": "slurm-key"}
+    out = cluster.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
+                       f"--output={tmp_path}/job-%j.out", script, "--preset", "builtin-moe",
+                       "--kv-cache-tokens", "1024", "--max-model-len", "256"],
+                      env=job_env, cwd=ROOT)
+    job = out.stdout.strip().split(";")[0]
+    log = os.path.join(tmp_path, f"job-{job}.out")
+
+    def text():
+        return open(log).read() if os.path.exists(log) else ""
+
+    def state():
+        out = cluster.run(["scontrol", "show", "job", job], check=False, timeout=20)
+        found = re.search(r"JobState=(\S+)", out.stdout)
+        return found.group(1) if found else "GONE"
+    try:
+        url, t_end = None, time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < t_end and url is None:
+            found = re.search(r"listening on (http://\S+)", text())
+            url = found.group(1) if found else None
+            assert state() in ("PENDING", "RUNNING", "CONFIGURING"), \
+                explain(state(), text(), "", cluster)
+            time.sleep(0.5)
+        assert url, explain("no address", text(), "", cluster)
+        host = re.search(r"rank 0 on host (\S+)", text()).group(1)
+        assert url.startswith(f"http://{host}:"), url  # 0.0.0.0 -> the host to use
+        assert "without an API key" not in text()
+        while urllib.request.urlopen(url + "/health", timeout=5).status != 200:
+            time.sleep(0.5)
+        body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={
+            "Content-Type": "application/json", "Authorization": "Bearer slurm-key"})
+        reply = json.load(urllib.request.urlopen(req, timeout=60))
+        assert reply["usage"]["completion_tokens"] == 4, reply
+        where = placement(text())
+        assert sorted(where.values()) == ["n1", "n2"], text()
+    finally:
+        cluster.run(["scancel", job], check=False)
+    t_end = time.monotonic() + 30
+    while state() not in ("CANCELLED", "COMPLETED", "FAILED", "GONE") and \
+            time.monotonic() < t_end:
+        time.sleep(0.5)
+    assert state() in ("CANCELLED", "COMPLETED", "GONE"), explain(state(), text(), "", cluster)
+    needle = f"SLURM_JOB_ID={job}".encode()
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                left.append(pid)
+        except OSError:
+            pass
+    assert not left, f"processes of job {job} still running: {left}\n{text()}"

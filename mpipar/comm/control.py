@@ -1,12 +1,27 @@
-"""Small control-plane messages: gathering reports and agreeing on errors.
+"""Small control-plane messages: gathering reports, agreeing on errors, step plans.
 
-These move Python objects (pickled) and are not part of the model's traffic, so they
-are not in the ledger. ``agree`` is how a job fails together: every rank says whether
-its step worked; if any failed, every rank learns the first failing rank's message and
-raises the same error, so rank 0 can print it once and all ranks exit.
+``gather_object``, ``barrier`` and ``agree`` move Python objects (pickled) and are not
+part of the model's traffic, so they are not in the ledger. ``agree`` is how a job fails
+together: every rank says whether its step worked; if any failed, every rank learns the
+first failing rank's message and raises the same error, so rank 0 can print it once and
+all ranks exit.
+
+Messages of the serving loop (``Outbox.post`` / ``wait_object``): a pickled object as one
+message of bytes, counted in the ledger under its own kind (``control`` for the step
+plan that world rank 0 sends every rank, ``result`` for the tokens coming back): the
+plan of a step over W ranks costs (W-1) * its pickled size at the root. Sends are
+non-blocking (a root never waits for a busy rank to take its plan, and two ranks sending
+each other never deadlock); a receiver waits by probing with growing sleeps (10 us up to
+20 ms), so idle workers of a server sleep instead of spinning on the cores.
 """
 
 from __future__ import annotations
+
+import pickle
+import time
+
+TAG_PLAN = 31
+SLEEP_FIRST_S, SLEEP_MAX_S, SLEEP_GROWTH = 1e-5, 0.02, 1.3
 
 
 class RemoteError(RuntimeError):
@@ -31,3 +46,54 @@ def agree(group, error: BaseException | None) -> None:
         rank, first = failed[0]
         where = "" if len(failed) == group.size else f" (on rank {rank})"
         raise RemoteError(first + where)
+
+
+class Outbox:
+    """Pending non-blocking object sends of one rank; ``flush`` completes them."""
+
+    def __init__(self):
+        self._pending = []  # (request, buffer kept alive until the send completes)
+
+    def post(self, group, obj, dest: int, tag: int, kind: str) -> None:
+        from mpi4py import MPI
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        t = time.perf_counter()
+        self._pending.append((group.comm.Isend([data, MPI.BYTE], dest, tag), data))
+        group.ledger.record(kind, len(data), 0, time.perf_counter() - t, t)
+        self._pending = [(r, d) for r, d in self._pending if not r.Test()]
+
+    def broadcast(self, group, obj, root: int, tag: int = TAG_PLAN,
+                  kind: str = "control") -> None:
+        """``obj`` to every other rank of ``group`` (each takes it with ``wait_object``)."""
+        for r in range(group.size):
+            if r != root:
+                self.post(group, obj, r, tag, kind)
+
+    def flush(self) -> None:
+        for request, _ in self._pending:
+            request.Wait()
+        self._pending.clear()
+
+
+def poll_object(group, source: int, tag: int, kind: str):
+    """(True, obj) if a message from ``source`` is waiting (then received), else (False, None)."""
+    from mpi4py import MPI
+    status = MPI.Status()
+    if not group.comm.Iprobe(source, tag, status):
+        return False, None
+    t = time.perf_counter()
+    data = bytearray(status.Get_count(MPI.BYTE))
+    group.comm.Recv([data, MPI.BYTE], source, tag)
+    group.ledger.record(kind, 0, len(data), time.perf_counter() - t, t)
+    return True, pickle.loads(data)
+
+
+def wait_object(group, source: int, tag: int = TAG_PLAN, kind: str = "control"):
+    """Receive one object from ``source``, sleeping between probes (never spinning)."""
+    delay = SLEEP_FIRST_S
+    while True:
+        ok, obj = poll_object(group, source, tag, kind)
+        if ok:
+            return obj
+        time.sleep(delay)
+        delay = min(delay * SLEEP_GROWTH, SLEEP_MAX_S)

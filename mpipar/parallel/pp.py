@@ -3,45 +3,37 @@
 Stage s holds a contiguous range of layers (``shard.stage_layers``). Stage 0 embeds the
 tokens; each stage runs its layers and sends the activation [N, h] to the next stage
 of its PP group (same tp/dp coordinates); the last stage applies the final norm and
-lm_head and picks the tokens, which travel back to stage 0 for the next decode step.
+lm_head and picks the tokens, which go to world rank 0; the next step's plan brings
+them to stage 0 (serve/engine.py).
 
 What moves, per forward of N tokens: each boundary carries one activation, so a rank
 of stage s < P-1 sends ``N*h*itemsize`` (kind ``pp_send``) and a rank of stage s > 0
-receives it (``pp_recv``); the token ids going back from the last stage to the first
-are ``N_seq*8`` bytes (kind ``pp_tokens``). Over P stages: (P-1)*h per token.
+receives it (``pp_recv``). Over P stages: (P-1)*h per token.
 
-Chunked prefill: the prompt is cut into K chunks that follow each other through the
-pipeline. Sends are non-blocking, so stage 0 starts chunk i+1 while stage 1 works on
-chunk i; the time to first token falls from about P*T toward T + (P-1)*T/K for a
-prefill that takes T on one stage. Causality holds because a stage sees chunk i only
-after chunks < i, whose keys and values are already in its cache. Decode gains
-nothing: one token per sequence cannot be split.
+The schedule: micro-batches in flight. A step's plan is a micro-batch; sends are
+non-blocking, so stage 0 starts micro-batch m+1 while stage 1 works on m. Up to P
+micro-batches are in flight (``InFlight``): more would only queue at a stage. Two
+kinds of micro-batches can follow each other without waiting for a result:
 
-    time ->    c0  c1  c2  c3
+- chunks of prefills (the scheduler cuts long prompts under its token budget): chunk
+  i+1 needs only the keys and values of chunk i, which every stage holds before it
+  sees chunk i+1 (each stage runs micro-batches in order), so the time to first token
+  falls from about P*T toward T + (P-1)*T/K for a prefill of K chunks taking T;
+- decodes of disjoint request sets ("lanes", serve/scheduler.py): with P lanes each
+  stage works on one lane while the others are elsewhere in the pipeline.
+
+    time ->    m0  m1  m2  m3
     stage 0   [0] [1] [2] [3]
     stage 1       [0] [1] [2] [3]
 """
 
 from __future__ import annotations
 
-from ..comm.p2p import isend_array, recv_array, send_array
-from .shard import split
+from collections import deque
+
+from ..comm.p2p import isend_array, recv_array
 
 TAG_ACTIVATION = 11
-TAG_TOKENS = 12
-
-
-def chunk_prompts(prompts, chunks: int):
-    """Cut every prompt into ``chunks`` contiguous pieces -> list (per chunk) of lists
-    (per sequence) of token ids; a piece may be empty when a prompt is short."""
-    out = []
-    for c in range(chunks):
-        pieces = []
-        for p in prompts:
-            part = split(len(p), chunks, c)
-            pieces.append(list(p[part.start:part.stop]))
-        out.append(pieces)
-    return out
 
 
 class Pipeline:
@@ -59,7 +51,7 @@ class Pipeline:
         return recv_array(self.group, self.stage - 1, TAG_ACTIVATION, kind="pp_recv")
 
     def send_activation(self, x):
-        """Non-blocking: the next chunk can start while this one travels."""
+        """Non-blocking: the next micro-batch can start while this one travels."""
         self._pending.append(isend_array(self.group, x, self.stage + 1, TAG_ACTIVATION,
                                          kind="pp_send"))
 
@@ -68,10 +60,28 @@ class Pipeline:
             handle.wait()
         self._pending.clear()
 
-    def tokens_to_first(self, tokens):
-        """Last stage -> first stage: the ids just chosen (host int64 [B])."""
-        if self.stages > 1:
-            send_array(self.group, tokens, 0, TAG_TOKENS, kind="pp_tokens")
 
-    def tokens_from_last(self):
-        return recv_array(self.group, self.stages - 1, TAG_TOKENS, kind="pp_tokens_recv")
+class InFlight:
+    """The micro-batches launched into the pipeline and not yet back, oldest first."""
+
+    def __init__(self, depth: int):
+        self.depth = max(1, depth)
+        self._queue = deque()
+        self.peak = 0  # the most micro-batches that were in flight at once
+
+    def __len__(self):
+        return len(self._queue)
+
+    @property
+    def full(self) -> bool:
+        return len(self._queue) >= self.depth
+
+    def push(self, item) -> None:
+        self._queue.append(item)
+        self.peak = max(self.peak, len(self._queue))
+
+    def oldest(self):
+        return self._queue[0]
+
+    def pop(self):
+        return self._queue.popleft()

@@ -9,7 +9,6 @@ dtype: 4 for float32, 2 for bfloat16/float16, which travel as 16 bits):
     tp_allgather  1 per MoE layer with ep > 1: token shares split(N, T) * h
     tp_embed      stage 0: 1 all-reduce of N*h (vocab-parallel embedding)
     pp_send       stage s < P-1: N*h*b (one activation per boundary)
-    pp_tokens     last stage, P > 1: 8 bytes per sequence per decode step but the last
     ep_counts     8(E-1) per MoE layer (ep > 1) and forward: one int64 row count per peer
     ep_dispatch   token rows sent to other EP ranks * (h*b + 8k): one row per (token,
                   destination rank), with k (slot, weight) pairs (moe.py)
@@ -21,7 +20,9 @@ Each collective's bytes come from the exact formula of the algorithm it takes
 (``comm.ring.allreduce_bytes``): a prefill's all-reduce of S bytes goes by the ring,
 2(T-1)/T * S up to chunk rounding; a decode step's (a few KiB, below
 RECURSIVE_DOUBLING_MAX_BYTES) by recursive doubling, log2(T) * S for T a power of two.
-Kinds the seed's model does not cover (tp_argmax, tp_logits, result) are not predicted.
+Kinds the seed's model does not cover (tp_argmax, tp_logits, and the serving loop's step
+plans and sampled tokens: control, result) are not predicted. The sampled tokens reach
+stage 0 inside the next step's plan, so no token traffic runs inside a PP group.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..comm.ring import allreduce_bytes
 from ..costmodel import dtype_size
 from .shard import split
 
-PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send", "pp_tokens",
+PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send",
                    "ep_counts", "ep_dispatch", "ep_combine", "eplb_load", "eplb_weights")
 
 
@@ -61,8 +62,6 @@ def predict_rank(config, layout, r: dict) -> dict:
             out["tp_allgather"] += moe_ep * allgather_bytes(shares, t)[0]
         if co["pp"] < layout.pp - 1:
             out["pp_send"] += n * h * b
-    if co["pp"] == layout.pp - 1 and layout.pp > 1:
-        out["pp_tokens"] = 8 * r["n_seqs"] * r["decode_steps"]
     if moe_ep:
         e, k = layout.ep, config.num_experts_per_tok
         out["ep_counts"] = 8 * (e - 1) * moe_ep * len(r["forward_tokens"])

@@ -1,0 +1,1 @@
+"""Serving: requests, a paged KV cache, continuous batching over the parallel engine."""
