@@ -239,7 +239,7 @@ def link_figures(group, small: int = 1024, large: int = 4 << 20,
             for _ in range(repeats if nbytes == small else max(repeats // 10, 5)):
                 pair.comm.Barrier()
                 t = time.perf_counter()
-                ring_allreduce(pair, x, algorithm="small", out=out)
+                ring_allreduce(pair, x, algorithm="recursive_doubling", out=out)
                 reps.append(time.perf_counter() - t)
             times[nbytes] = statistics.median(reps)
     sub.Free()
