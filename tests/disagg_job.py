@@ -17,7 +17,6 @@ import numpy as np
 from mpi4py import MPI
 
 import mpipar  # noqa: F401
-
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
 from mpipar.model.checkpoint import CheckpointReader
