@@ -96,7 +96,7 @@ class ParallelModel:
                  prefill_chunks: int = 1, keep_logits: bool = False,
                  decode_microbatches: int | None = None):
         """All prompts in at t=0, Generation out on world rank 0 (None elsewhere)."""
-        from ..serve.engine import generate_batch  # the serving engine builds on this module
+        from ..serve.offline import generate_batch  # the serving engine builds on this module
         return generate_batch(self, prompts, max_new_tokens, sampler or Sampler(),
                               prefill_chunks, keep_logits, decode_microbatches)
 

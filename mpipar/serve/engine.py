@@ -17,8 +17,8 @@ the last ones are still in later stages, and waits for the oldest result only wh
 window is full or nothing can be scheduled. Lanes (scheduler.py) keep the in-flight
 micro-batches disjoint; chunks of one prefill may follow each other.
 
-``generate`` of ParallelModel is ``generate_batch`` here: the offline case, every prompt
-arriving at t=0, on this same loop.
+``generate_offline`` is the offline case, every request arriving at t=0, on this same
+loop; ``ParallelModel.generate`` runs through it (serve/offline.py).
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..comm.control import Outbox, barrier, poll_object, wait_object
-from ..model.sampling import Generation, pad_prompt_logits
+from ..comm.control import Outbox, poll_object, wait_object
 from ..parallel.pp import InFlight
 from .kvpool import KVPool, blocks_for
-from .request import Request, RequestError, SamplingParams
-from .scheduler import Entry, Scheduler, Seq
+from .request import Request, RequestError
+from .scheduler import Scheduler, Seq
 
 TAG_RESULT = 32
 
@@ -95,7 +94,8 @@ class ServeEngine:
                              f"blocks of {o.block_size}: too few for one request of "
                              f"max_model_len={self.max_model_len}")
         self.pool = KVPool(self.model.xp, len(self.model.blocks), self.num_blocks,
-                           o.block_size, len(self.model.plan.kv_heads), config.head_dim)
+                           o.block_size, len(self.model.plan.kv_heads), config.head_dim,
+                           getattr(self.model, "dtype", np.float32))  # the model's dtype
         self.model.kv_cache_bytes = self.pool.nbytes
         self.world, self.rank = comms.world, comms.world.rank
         self.reporters = [layout.rank_of(tp=0, dp=d, pp=layout.pp - 1)
@@ -265,19 +265,15 @@ class ServeEngine:
         self.model.pipe.wait_sends()
 
 
-def generate_offline(engine: ServeEngine, requests) -> list[list[int]] | None:
-    """Collective: every request arrives at t=0; rank 0 returns each one's tokens, the
-    other ranks run the steps and return None. The engine can be used again after."""
-    done = _offline(engine, requests)
-    return None if done is None else done[0]
-
-
-def _offline(engine, requests):
-    """-> (tokens per request, time the last first token came) on rank 0, else None."""
+def generate_offline(engine: ServeEngine, requests, timing: dict | None = None):
+    """Collective: every request arrives at t=0; rank 0 returns each one's tokens
+    (list of lists), the other ranks run the steps and return None. ``timing`` gets
+    ``first_tokens_s`` (perf_counter when every request had its first token). The
+    engine can be used again after."""
     if engine.rank != 0:
         engine.run_worker()
         return None
-    out, firsts, t_first = {}, 0, None
+    out, firsts = {}, 0
     for i, req in enumerate(requests):
         engine.add_request(req, sample_key=i)
         out[req.request_id] = []
@@ -285,58 +281,7 @@ def _offline(engine, requests):
         for o in engine.step():
             out[o.request_id] += o.new_token_ids
             firsts += o.num_generated == 1 and len(o.new_token_ids) == 1
-            if t_first is None and firsts == len(requests):
-                t_first = time.perf_counter()
+            if timing is not None and firsts == len(requests) and "first_tokens_s" not in timing:
+                timing["first_tokens_s"] = time.perf_counter()
     engine.shutdown()
-    return [out[r.request_id] for r in requests], t_first
-
-
-def generate_batch(model, prompts, max_new_tokens: int, sampler, prefill_chunks: int,
-                   keep_logits: bool, decode_microbatches: int | None):
-    """ParallelModel.generate: Generation on world rank 0, None elsewhere."""
-    vocab, layout = model.config.vocab_size, model.comms.layout
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if any(not 0 <= int(t) < vocab for p in prompts for t in p):
-        raise ValueError(f"token ids must be in [0, {vocab})")
-    n, bs = len(prompts), 16
-    # Replica d gets prompts d, d+dp, ... (least loaded first); K chunks: a budget of
-    # 1/K of the largest replica's prompt tokens, never fewer than its sequences.
-    per_replica = [sum(len(p) for p in prompts[d::layout.dp]) for d in range(layout.dp)]
-    budget = max(-(-max(per_replica) // max(1, prefill_chunks)), -(-n // layout.dp))
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    options = EngineOptions(
-        block_size=bs, kv_cache_tokens=bs * sum(blocks_for(len(p) + max_new_tokens, bs)
-                                                for p in prompts),
-        max_num_batched_tokens=budget, max_num_seqs=n, max_model_len=longest,
-        eos_token_ids=[], enable_prefix_caching=not keep_logits,
-        micro_batches=decode_microbatches or 1, keep_logits=keep_logits)
-    engine = ServeEngine(model.comms, model.source, options, model=model)
-    model.decode_steps = max_new_tokens - 1
-    requests = [Request(str(i), [int(t) for t in p],
-                        SamplingParams(max_new_tokens, sampler.temperature, sampler.top_p,
-                                       sampler.seed, ignore_eos=True))
-                for i, p in enumerate(prompts)]
-    barrier(model.comms.world)  # every rank starts the clock together
-    t0 = time.perf_counter()
-    done = _offline(engine, requests)
-    if done is None:
-        return None
-    tokens, t_first = done
-    t_end = time.perf_counter()
-    gen = Generation(tokens=np.array(tokens, dtype=np.int64), ttft_s=t_first - t0,
-                     decode_s=t_end - t_first)
-    if keep_logits:
-        rows = [engine.logit_rows[str(i)] for i in range(n)]
-        gen.prompt_logits = pad_prompt_logits(
-            [np.stack([r[j] for j in range(len(p))])
-             for r, p in zip(rows, prompts, strict=True)], vocab)
-        gen.decode_logits = np.stack([
-            np.stack([r[len(p) - 1 + s] for s in range(max_new_tokens)])
-            for r, p in zip(rows, prompts, strict=True)])
-    return gen
-
-
-__all__ = ["EngineOptions", "ServeEngine", "generate_offline", "generate_batch", "Entry"]
+    return [out[r.request_id] for r in requests]
