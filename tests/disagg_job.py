@@ -24,7 +24,7 @@ from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
 from mpipar.serve.disagg import DisaggEngine
 from mpipar.serve.engine import EngineOptions
-from mpipar.serve.groups import connect_group, parse_groups
+from mpipar.serve.groups import DisaggComms, connect_group, parse_groups
 from mpipar.serve.request import Request, SamplingParams
 
 
@@ -49,12 +49,11 @@ def run_case(world, case):
     layout = parse_groups(case["prefill"], case["decode"])
     source = CheckpointReader(case["model"])
     ledger = Ledger()
-    comms = connect_group(layout, world, ledger)
-    link = Group(world, "world", ledger)
+    comms = DisaggComms(Group(world, "world", ledger), connect_group(layout, world, ledger))
     options = EngineOptions(block_size=4, kv_cache_tokens=case.get("kv", 256),
                             max_num_batched_tokens=12, max_num_seqs=8, max_model_len=48,
                             eos_token_ids=[])
-    engine = DisaggEngine(comms, link, layout, source, options, case.get("decode_kv"))
+    engine = DisaggEngine(comms, layout, source, options, case.get("decode_kv"))
     requests = workload(source.config.vocab_size, case.get("requests", 10), case.get("seed", 0))
     rec = None
     if world.Get_rank() == 0:

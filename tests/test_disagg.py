@@ -106,3 +106,62 @@ def test_six_pairs_match_the_reference_and_the_kv_bytes(tmp_path, fixtures_dir):
         assert all(set(t) == {"queue", "prefill", "handoff_wait", "transfer", "first_decode"}
                    for t in rec["timings"] if len(t) == 5) and rec["timings"], name
     assert records[-1]["stats"]["handoff_waits"] > 0, records[-1]["stats"]
+
+
+@pytest.mark.launcher
+def test_disaggregated_server_serves_concurrent_requests_exactly(fixtures_dir):
+    """programs/serve.py --prefill tp=2 --decode tp=1 (3 ranks): concurrent completions
+    equal the reference; /metrics has every request's phases."""
+    import threading
+    import urllib.request
+
+    import numpy as np
+
+    from mpipar.model.checkpoint import CheckpointReader
+    from mpipar.model.reference import ReferenceModel, generate
+    from mpipar.model.sampling import Sampler
+    from mpipar.serve.job import ServerJob
+    tiny = os.path.join(fixtures_dir, "qwen3-tiny")
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (5, 40, 17, 64, 9, 33)]
+    ref = ReferenceModel(CheckpointReader(tiny))
+    want = [generate(ref, [p], 7, Sampler(), keep_logits=False).tokens[0].tolist()
+            for p in prompts]
+    got = [None] * len(prompts)
+    with ServerJob(3, ["--model", tiny, "--prefill", "tp=2", "--decode", "tp=1",
+                       "--max-model-len", "128", "--kv-cache-tokens", "256",
+                       "--max-num-batched-tokens", "24"]) as job:
+        def ask(i):
+            body = json.dumps({"prompt": prompts[i], "max_tokens": 7, "temperature": 0,
+                               "ignore_eos": True, "return_token_ids": True}).encode()
+            req = urllib.request.Request(job.url + "/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                got[i] = json.loads(r.read())["choices"][0]["token_ids"]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        with urllib.request.urlopen(job.url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+    assert got == want, (got, want)
+    for phase in ("queue", "prefill", "handoff_wait", "transfer", "first_decode"):
+        line = next(ln for ln in metrics.splitlines()
+                    if ln.startswith("mpipar:disagg_phase_seconds_count") and
+                    f'phase="{phase}"' in ln)
+        assert float(line.rsplit(" ", 1)[1]) == len(prompts), line
+    assert job.returncode == 0, job.output()[-2000:]
+
+
+@pytest.mark.launcher
+def test_bad_group_flags_exit_2_with_one_message(fixtures_dir):
+    from mpipar.launch import run_mpi
+    program = os.path.join(HERE, "..", "programs", "serve.py")
+    tiny = os.path.join(fixtures_dir, "qwen3-tiny")
+    for args, says in ((["--prefill", "tp=2", "--decode", "tp=1"], "3 in all, but the job has 2"),
+                       (["--prefill", "tp=1", "--decode", "tp=1,pp=2"], "--decode")):
+        out = run_mpi(2, [program, "--model", tiny, *args], timeout=60)
+        errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
+        assert out.returncode == 2 and len(errors) == 1 and says in errors[0], \
+            (args, out.returncode, out.stdout, out.stderr)

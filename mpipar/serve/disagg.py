@@ -36,7 +36,6 @@ from collections import deque
 import numpy as np
 
 from ..comm.control import TAG_PLAN, Outbox, gather_object, poll_object, wait_object
-from ..comm.group import Group
 from ..parallel.pp import InFlight
 from ..parallel.reshard import kv_pieces, piece_bytes_by_rank
 from .engine import TAG_RESULT, EngineOptions, ServeEngine, _Step, eos_token_ids
@@ -67,14 +66,16 @@ class HandoffScheduler(Scheduler):
 
 
 class DisaggEngine:
-    """Built collectively on every rank of ``link`` (the world Group)."""
+    """Built collectively on every rank; ``comms``: groups.DisaggComms (the world Group
+    and this rank's group Comms)."""
 
-    def __init__(self, comms, link: Group, layout, source, options: EngineOptions,
+    def __init__(self, comms, layout, source, options: EngineOptions,
                  decode_kv_cache_tokens: int | None = None):
         from ..parallel.engine import ParallelModel
-        self.comms, self.link, self.layout, self.options = comms, link, layout, options
+        self.comms, self.link = comms.group, comms.world
+        link, self.layout, self.options = comms.world, layout, options
         o, self.rank = options, link.rank
-        self.model = ParallelModel(comms, source, comms.xp)
+        self.model = ParallelModel(self.comms, source, self.comms.xp)
         config = self.config = self.model.config
         self.max_model_len = o.max_model_len or config.max_position_embeddings
         for name in ("block_size", "kv_cache_tokens", "max_num_batched_tokens", "max_num_seqs"):
@@ -90,7 +91,7 @@ class DisaggEngine:
                                  f"blocks of {o.block_size}: too few for one request of "
                                  f"max_model_len={self.max_model_len}")
         self.dtype = np.dtype(getattr(self.model, "dtype", np.float32))
-        self.pool = KVPool(comms.xp, len(self.model.blocks), blocks[self.prefill],
+        self.pool = KVPool(self.comms.xp, len(self.model.blocks), blocks[self.prefill],
                            o.block_size, len(self.model.plan.kv_heads), config.head_dim,
                            self.dtype)
         self.model.kv_cache_bytes = self.pool.nbytes

@@ -104,3 +104,101 @@ def connect_group(layout: DisaggLayout, world, ledger, xp=None, transport=None):
     rank = world.Get_rank()
     sub = world.Split(int(layout.is_prefill(rank)), rank)
     return make_comms(layout.group_layout(rank), sub, ledger, xp, transport)
+
+
+# ---- programs/serve.py --prefill/--decode (hooks of serve/server.py) -------------------
+HELP = ("prefill/decode disaggregation: world ranks 0..T2*D2-1 form the decode group "
+        "(world rank 0 among them: HTTP and both schedulers), the next T1*P1 ranks the "
+        "prefill group; mpirun -n T2*D2+T1*P1")
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("disaggregation", HELP)
+    g.add_argument("--prefill", metavar="tp=T1,pp=P1[,ep=E1]",
+                   help="layout of the prefill group (world ranks T2*D2 .. N-1)")
+    g.add_argument("--decode", metavar="tp=T2[,dp=D2][,ep=E2]",
+                   help="layout of the decode group (world ranks 0 .. T2*D2-1)")
+    g.add_argument("--decode-kv-cache-tokens", type=int, default=None, metavar="N",
+                   help="KV pool of each decode replica (default --kv-cache-tokens, "
+                        "which sizes the prefill pool)")
+
+
+def check_args(args) -> None:
+    """Flag checks (UsageError / LayoutError: exit 2 from rank 0)."""
+    from ..runner import UsageError
+    if bool(args.prefill) != bool(args.decode):
+        raise UsageError("give --prefill and --decode together")
+    if not args.prefill:
+        if args.decode_kv_cache_tokens is not None:
+            raise UsageError("--decode-kv-cache-tokens needs --prefill and --decode")
+        return
+    if (args.tp, args.pp, args.dp, args.ep) != (1, 1, 1, 1):
+        raise UsageError("--tp/--pp/--dp/--ep lay out a colocated server; with --prefill "
+                         "and --decode put them in the specs (tp=2,pp=2)")
+    if args.decode_kv_cache_tokens is not None and args.decode_kv_cache_tokens < 1:
+        raise UsageError("--decode-kv-cache-tokens must be at least 1")
+    parse_groups(args.prefill, args.decode)
+
+
+def open_job(args, world_size: int):
+    """runner.open_job for two groups: -> (DisaggLayout, source, device)."""
+    from ..backend import select_device
+    from ..model.init import open_model
+    from ..parallel.shard import check_layout
+    layout = parse_groups(args.prefill, args.decode)
+    layout.check_world(world_size)
+    source = open_model(args.model, args.preset, args.seed)
+    for name, group in (("--prefill", layout.prefill), ("--decode", layout.decode)):
+        try:
+            check_layout(source.config, group)
+        except LayoutError as e:
+            raise LayoutError(f"{name}: {e}") from None
+    return layout, source, select_device(args.device)
+
+
+@dataclass
+class DisaggComms:
+    world: object  # Group over every rank of both groups (plans, results, the handoff)
+    group: object  # Comms of this rank's group (its layout, on its sub-communicator)
+
+
+def connect(device: str, layout: DisaggLayout, world, ledger, say) -> DisaggComms:
+    """runner.connect for two groups (collective over ``world``)."""
+    import numpy as np
+
+    from ..comm.group import Group
+    xp, transport = np, None
+    if device == "gpu":
+        from ..backend import Transport, bind_gpu, cuda_aware
+        xp, _, node_ranks, gpus = bind_gpu(world)
+        transport = Transport(xp, cuda_aware(), ledger)
+        if node_ranks > gpus:
+            say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
+    group = connect_group(layout, world, ledger, xp, transport)
+    return DisaggComms(Group(world, "world", ledger, xp, transport), group)
+
+
+def build_engine(comms: DisaggComms, layout, source, args):
+    from .disagg import DisaggEngine
+    from .server import engine_options
+    return DisaggEngine(comms, layout, source, engine_options(args, source),
+                        args.decode_kv_cache_tokens)
+
+
+def phase_metrics(metrics):
+    """A histogram of the per-request phases (disagg.PHASES) in the server's registry;
+    -> the engine's ``on_timing`` callback."""
+    from prometheus_client import Histogram
+
+    from .disagg import PHASES
+    from .metrics import LATENCY_BUCKETS
+    hist = Histogram("mpipar:disagg_phase_seconds", "Per request: queue, prefill, "
+                     "handoff_wait, transfer, first_decode (disaggregated server).",
+                     labelnames=["model_name", "phase"], buckets=LATENCY_BUCKETS,
+                     registry=metrics.registry)
+    children = {p: hist.labels(metrics._model, p) for p in PHASES}
+
+    def observe(request_id, phases: dict) -> None:
+        for phase, seconds in phases.items():
+            children[phase].observe(seconds)
+    return observe
