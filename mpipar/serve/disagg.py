@@ -157,7 +157,12 @@ class DisaggEngine:
         out.update({f"prefill_{k}": v for k, v in p.items()})
         out.update({f"decode_{k}": v for k, v in d.items()})
         out.update(kv_transfers=self.num_transfers, kv_transfers_in_flight=len(self.transfers),
-                   handoff_waiting=len(self.queue), handoff_waits=self.num_handoff_waits)
+                   handoff_waiting=len(self.queue), handoff_waits=self.num_handoff_waits,
+                   kv_transfer_bytes_predicted=sum(s for s, _ in self.kv_bytes.values()),
+                   kv_transfer_recv_bytes_rank0_predicted=self.kv_bytes.get(0, [0, 0])[1],
+                   kv_transfer_recv_bytes_rank0=self.comms.ledger.entries[
+                       "kv_transfer"].recv_bytes if "kv_transfer" in
+                   self.comms.ledger.entries else 0)
         return out
 
     # ---- rank 0: one step ------------------------------------------------------------

@@ -185,10 +185,10 @@ def build_engine(comms: DisaggComms, layout, source, args):
                         args.decode_kv_cache_tokens)
 
 
-def phase_metrics(metrics):
-    """A histogram of the per-request phases (disagg.PHASES) in the server's registry;
-    -> the engine's ``on_timing`` callback."""
-    from prometheus_client import Histogram
+def phase_metrics(metrics, engine):
+    """A histogram of the per-request phases (disagg.PHASES) and gauges of the handoff
+    bytes in the server's registry; -> the engine's ``on_timing`` callback."""
+    from prometheus_client import Gauge, Histogram
 
     from .disagg import PHASES
     from .metrics import LATENCY_BUCKETS
@@ -197,8 +197,16 @@ def phase_metrics(metrics):
                      labelnames=["model_name", "phase"], buckets=LATENCY_BUCKETS,
                      registry=metrics.registry)
     children = {p: hist.labels(metrics._model, p) for p in PHASES}
+    kv = Gauge("mpipar:kv_transfer_bytes", "KV handoff bytes since start: predicted (all "
+               "ranks, sent), and received by world rank 0 (measured, predicted).",
+               labelnames=["model_name", "what"], registry=metrics.registry)
+    keys = ("kv_transfer_bytes_predicted", "kv_transfer_recv_bytes_rank0",
+            "kv_transfer_recv_bytes_rank0_predicted")
 
     def observe(request_id, phases: dict) -> None:
         for phase, seconds in phases.items():
             children[phase].observe(seconds)
+        stats = engine.stats()
+        for key in keys:
+            kv.labels(metrics._model, key).set(stats[key])
     return observe

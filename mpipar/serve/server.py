@@ -236,7 +236,7 @@ class _Web:
         host, port = self.sock.getsockname()[:2]
         self.driver.engine = engine
         if hasattr(engine, "on_timing"):  # disaggregated: per-request phases in /metrics
-            engine.on_timing = groups.phase_metrics(self.metrics)
+            engine.on_timing = groups.phase_metrics(self.metrics, engine)
         limit = getattr(engine, "max_model_len", None)
         if limit:
             self.model.max_model_len = limit
