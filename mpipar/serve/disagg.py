@@ -11,7 +11,7 @@ continuously in the decode group's pools (one per decode replica). One step of r
     handoff queue   -> reserve decode blocks (prompt + max_tokens: the decode side never
                        preempts); none free: the request waits, holding its prefill
                        blocks (nothing is lost or computed twice); else post kv_send /
-                       kv_recv plans (handoff.py, pieces of parallel/reshard.py)
+                       kv_recv plans (handoff.HandoffQueue, pieces of parallel/reshard.py)
     prefill plan    -> posted to every prefill rank, non-blocking (rank 0 never waits
                        for the prefill group, except for a result when its window is full
                        and nothing else can run)
@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
 
 import numpy as np
 
 from ..comm.control import TAG_PLAN, Outbox, gather_object, poll_object, wait_object
 from ..parallel.pp import InFlight
-from ..parallel.reshard import kv_pieces, piece_bytes_by_rank
 from .engine import TAG_RESULT, EngineOptions, ServeEngine, _Step, eos_token_ids
-from .handoff import TAG_KV_ACK, KVReceiver, KVSender
+from .handoff import HandoffQueue, KVReceiver, KVSender
 from .kvpool import KVPool, blocks_for
-from .request import FINISH_ABORT, RequestOutput
+from .request import FINISH_ABORT
 from .scheduler import Scheduler
 
 IDLE_SLEEP_MAX_S = 0.005
@@ -116,13 +114,10 @@ class DisaggEngine:
         self.slots, self.next_slot = {}, 0
         self._seeds = random.Random()
         self.by_id = {}  # request id -> Seq, from add_request to its end
-        self.queue = deque()  # requests with a first token, waiting for decode blocks
-        self.transfers = {}  # xfer id -> [seq, replica, decode table, receivers left]
-        self.next_xfer = self.decode_admissions = 0
         self.times = {}  # request id -> {event: perf_counter}
-        self.kv_bytes = {}  # world rank -> [sent, recv] predicted kv_transfer bytes
-        self.num_transfers = self.num_handoff_waits = 0
-        self._waited = set()  # slots that found the decode pools full at least once
+        self.handoffs = HandoffQueue(link, layout, config, self.dtype.itemsize,
+                                     self.outbox, self.kv, self.prefill_sched,
+                                     self.decode_sched, self._need_blocks, self.times)
         self.on_timing = None  # callable(request_id, {phase: seconds}) at finish
         self._idle = 0
 
@@ -141,29 +136,26 @@ class DisaggEngine:
             if request_id in sched.seqs:
                 sched.abort(request_id)
                 return
-        for seq in list(self.queue) + [t[0] for t in self.transfers.values()]:
-            if seq.request.request_id == request_id:
-                seq.aborted = True
+        self.handoffs.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.prefill_sched.has_unfinished() or self.decode_sched.has_unfinished()
-                    or len(self.window) or self.queue or self.transfers)
+                    or len(self.window) or self.handoffs.busy)
 
     def stats(self) -> dict:
         p, d = self.prefill_sched.stats(), self.decode_sched.stats()
         out = {k: p[k] + d[k] for k in ("running", "kv_blocks_used", "kv_blocks_total",
                                         "num_preemptions", "prefix_cache_hit_tokens")}
-        out["waiting"] = p["waiting"] + len(self.queue)
+        out["waiting"] = p["waiting"] + len(self.handoffs.queue)
         out.update({f"prefill_{k}": v for k, v in p.items()})
         out.update({f"decode_{k}": v for k, v in d.items()})
-        out.update(kv_transfers=self.num_transfers, kv_transfers_in_flight=len(self.transfers),
-                   handoff_waiting=len(self.queue), handoff_waits=self.num_handoff_waits,
-                   kv_transfer_bytes_predicted=sum(s for s, _ in self.kv_bytes.values()),
-                   kv_transfer_recv_bytes_rank0_predicted=self.kv_bytes.get(0, [0, 0])[1],
-                   kv_transfer_recv_bytes_rank0=self.comms.ledger.entries[
-                       "kv_transfer"].recv_bytes if "kv_transfer" in
-                   self.comms.ledger.entries else 0)
-        return out
+        return dict(out, **self.handoffs.stats())
+
+    def _need_blocks(self, seq) -> int:
+        """Decode blocks reserved for a request: prompt + max_tokens, so that the decode
+        side never has to preempt (and recompute) a request it took."""
+        return blocks_for(min(seq.prompt_len + seq.request.params.max_tokens,
+                              self.max_model_len), self.options.block_size)
 
     # ---- rank 0: one step ------------------------------------------------------------
     def step(self) -> list:
@@ -171,9 +163,9 @@ class DisaggEngine:
             self.run_worker()
             return []
         outputs = self._harvest_prefill(block=False)
-        self._take_acks(self.kv.progress() + self._poll_acks())
-        outputs += self._finish_aborted_handoffs()
-        self._start_transfers()
+        self.handoffs.take_acks()
+        outputs += self.handoffs.finish_aborted()
+        self.handoffs.start()
         launched = self._launch_prefill()
         ran = self._decode_step(outputs)
         outputs += self.prefill_sched.take_finished() + self.decode_sched.take_finished()
@@ -225,88 +217,9 @@ class DisaggEngine:
                     seq = self.by_id[out.request_id]
                     self.prefill_sched.detach(seq)
                     self.times[out.request_id]["prefilled"] = now
-                    self.queue.append(seq)
+                    self.handoffs.queue.append(seq)
             outputs += outs
         return outputs
-
-    def _start_transfers(self) -> None:
-        while self.queue:
-            seq = self.queue[0]
-            need = blocks_for(min(seq.prompt_len + seq.request.params.max_tokens,
-                                  self.max_model_len), self.options.block_size)
-            pools, running = self.decode_sched.pools, self.decode_sched.running
-            coming = [sum(1 for t in self.transfers.values() if t[1] == d)
-                      for d in range(len(pools))]
-            fits = [d for d, p in enumerate(pools) if p.num_free >= need
-                    and len(running[d]) + coming[d] < self.options.max_num_seqs]
-            if not fits:
-                self.num_handoff_waits += seq.slot not in self._waited
-                self._waited.add(seq.slot)
-                return
-            self.queue.popleft()
-            d = min(fits, key=lambda r: len(running[r]) + coming[r])
-            table = pools[d].allocate(need)
-            xfer, self.next_xfer = self.next_xfer, self.next_xfer + 1
-            pieces = kv_pieces(self.config, self.layout.prefill, self.layout.decode, d,
-                               self.layout.prefill_base, self.layout.decode_base)
-            n = seq.prompt_len
-            base = {"xfer": xfer, "length": n}
-            for src in sorted({p.src for p in pieces}):
-                mine = [(p.dst, p.layers.start, p.layers.stop, p.heads.start, p.heads.stop)
-                        for p in pieces if p.src == src]
-                self.outbox.post(self.link, dict(base, op="kv_send", table=list(seq.table),
-                                                 pieces=mine), src, TAG_PLAN, "control")
-            receivers = sorted({p.dst for p in pieces})
-            for dst in receivers:
-                mine = [(p.src, p.layers.start, p.layers.stop, p.heads.start, p.heads.stop)
-                        for p in pieces if p.dst == dst]
-                msg = dict(base, op="kv_recv", table=table, pieces=mine)
-                if dst == 0:
-                    self.kv.post(msg)
-                else:
-                    self.outbox.post(self.link, msg, dst, TAG_PLAN, "control")
-            for r, (sent, recv) in piece_bytes_by_rank(pieces, self.config, n,
-                                                        self.dtype.itemsize).items():
-                acc = self.kv_bytes.setdefault(r, [0, 0])
-                acc[0] += sent
-                acc[1] += recv
-            self.transfers[xfer] = [seq, d, table, set(receivers)]
-            self.times[seq.request.request_id]["reserved"] = time.perf_counter()
-            self.num_transfers += 1
-
-    def _poll_acks(self) -> list:
-        done = []
-        for r in range(1, self.layout.decode.world):
-            while True:
-                ok, ids = poll_object(self.link, r, TAG_KV_ACK, "control")
-                if not ok:
-                    break
-                done += [(r, i) for i in ids]
-        return done
-
-    def _take_acks(self, acks) -> None:
-        for item in acks:
-            r, xfer = item if isinstance(item, tuple) else (0, item)
-            t = self.transfers[xfer]
-            t[3].discard(r)
-            if t[3]:
-                continue
-            seq, d, table, _ = self.transfers.pop(xfer)
-            self.prefill_sched.pools[0].release(seq.table)  # the decode side has it now
-            self.times[seq.request.request_id]["transferred"] = time.perf_counter()
-            self.decode_sched.attach(seq, d, table, self.decode_admissions)
-            self.decode_admissions += 1
-            if seq.aborted:
-                self.decode_sched.abort(seq.request.request_id)
-
-    def _finish_aborted_handoffs(self) -> list:
-        out = []
-        for seq in [s for s in self.queue if s.aborted]:
-            self.queue.remove(seq)
-            self.prefill_sched.pools[0].release(seq.table)
-            out.append(RequestOutput(seq.request.request_id, [], True, FINISH_ABORT,
-                                     seq.prompt_len, seq.generated))
-        return out
 
     def _decode_step(self, outputs: list) -> bool:
         entries = self.decode_sched.schedule(0)
@@ -386,8 +299,8 @@ class DisaggEngine:
         """Rank 0: finish what is in flight, then let every other rank leave run_worker()."""
         while len(self.window):
             self._harvest_prefill(block=True)
-        while self.transfers:
-            self._take_acks(self.kv.progress() + self._poll_acks())
+        while self.handoffs.transfers:
+            self.handoffs.take_acks()
             time.sleep(1e-3)
         self._post({"op": "end"}, range(1, self.layout.world))
         self.kv.flush()
@@ -401,5 +314,5 @@ class DisaggEngine:
         per_rank = gather_object(self.link, mine)
         if self.rank == 0:
             for r in per_rank:
-                r["kv_predicted"] = list(self.kv_bytes.get(r["rank"], [0, 0]))
+                r["kv_predicted"] = list(self.handoffs.kv_bytes.get(r["rank"], [0, 0]))
         return per_rank

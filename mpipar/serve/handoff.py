@@ -1,8 +1,11 @@
-"""The KV handoff on every rank: a prefill rank packs and sends its pieces of a prompt's
-keys and values, a decode rank receives them into the blocks world rank 0 reserved.
+"""The KV handoff: world rank 0 reserves decode blocks and plans each transfer
+(``HandoffQueue``); a prefill rank packs and sends its pieces of a prompt's keys and
+values (``KVSender``); a decode rank receives them into the reserved blocks (``KVReceiver``).
 
-World rank 0 plans a transfer (serve/disagg.py) once the prefill group has sampled a
-request's first token and the decode replica has blocks for it, and sends
+Once the prefill group has sampled a request's first token (serve/disagg.py), the request
+waits in rank 0's queue, in order, holding its prefill blocks, until a decode replica
+has free blocks for prompt + max_tokens (then the decode side never preempts it); rank
+0 allocates them and sends
 
     to every sender    {"op": "kv_send", "xfer", "table", "length", "pieces"}
     to every receiver  {"op": "kv_recv", "xfer", "table", "length", "pieces"}
@@ -25,10 +28,14 @@ decode. Both sides take plans in the order rank 0 sent them, so the messages of 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from ..comm.control import Outbox
+from ..comm.control import TAG_PLAN, Outbox, poll_object
 from ..comm.p2p import irecv_into, isend_array
+from ..parallel.reshard import kv_pieces, piece_bytes_by_rank
+from .request import FINISH_ABORT, RequestOutput
 
 TAG_KV = 33
 TAG_KV_ACK = 34
@@ -119,3 +126,118 @@ class KVReceiver:
                 h.wait()
         self.progress()
         self.outbox.flush()
+
+
+class HandoffQueue:
+    """World rank 0: requests with a first token, waiting for decode blocks or moving."""
+
+    def __init__(self, link, layout, config, itemsize, outbox, receiver, prefill_sched,
+                 decode_sched, need_blocks, times):
+        self.link, self.layout, self.config, self.itemsize = link, layout, config, itemsize
+        self.outbox, self.receiver = outbox, receiver  # rank 0's own KVReceiver
+        self.prefill, self.decode, self.need_blocks = prefill_sched, decode_sched, need_blocks
+        self.times = times  # request id -> {event: perf_counter}, shared with the engine
+        self.queue = []  # Seqs in arrival order, holding their prefill blocks
+        self.transfers = {}  # xfer id -> [seq, replica, decode table, receivers left]
+        self.kv_bytes = {}  # world rank -> [sent, recv] predicted kv_transfer bytes
+        self.next_xfer = self.admissions = self.num_transfers = 0
+        self._waited = set()  # slots that found every decode pool full at least once
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.transfers)
+
+    def stats(self) -> dict:
+        e = self.link.ledger.entries
+        return {"kv_transfers": self.num_transfers,
+                "kv_transfers_in_flight": len(self.transfers),
+                "handoff_waiting": len(self.queue), "handoff_waits": len(self._waited),
+                "kv_transfer_bytes_predicted": sum(s for s, _ in self.kv_bytes.values()),
+                "kv_transfer_recv_bytes_rank0_predicted": self.kv_bytes.get(0, [0, 0])[1],
+                "kv_transfer_recv_bytes_rank0": e[KIND].recv_bytes if KIND in e else 0}
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.queue + [t[0] for t in self.transfers.values()]:
+            if seq.request.request_id == request_id:
+                seq.aborted = True
+
+    def finish_aborted(self) -> list:
+        """Aborted requests still waiting for decode blocks: free them, finish them."""
+        out = []
+        for seq in [s for s in self.queue if s.aborted]:
+            self.queue.remove(seq)
+            self.prefill.pools[0].release(seq.table)
+            out.append(RequestOutput(seq.request.request_id, [], True, FINISH_ABORT,
+                                     seq.prompt_len, seq.generated))
+        return out
+
+    def start(self) -> None:
+        """Reserve decode blocks for waiting requests in order and post their transfers;
+        the first that fits no decode replica waits (and so do the ones behind it)."""
+        while self.queue:
+            seq = self.queue[0]
+            need, pools, running = self.need_blocks(seq), self.decode.pools, self.decode.running
+            load = [len(running[d]) + sum(1 for t in self.transfers.values() if t[1] == d)
+                    for d in range(len(pools))]
+            fits = [d for d, p in enumerate(pools) if p.num_free >= need
+                    and load[d] < self.decode.max_seqs]
+            if not fits:
+                self._waited.add(seq.slot)
+                return
+            self.queue.pop(0)
+            d = min(fits, key=lambda r: load[r])
+            self._post(seq, d, pools[d].allocate(need))
+
+    def _post(self, seq, replica: int, table: list) -> None:
+        lay = self.layout
+        pieces = kv_pieces(self.config, lay.prefill, lay.decode, replica, lay.prefill_base,
+                           lay.decode_base)
+        xfer, self.next_xfer = self.next_xfer, self.next_xfer + 1
+        base = {"xfer": xfer, "length": seq.prompt_len}
+        for src in sorted({p.src for p in pieces}):
+            mine = [(p.dst, *_bounds(p)) for p in pieces if p.src == src]
+            self.outbox.post(self.link, dict(base, op="kv_send", table=list(seq.table),
+                                             pieces=mine), src, TAG_PLAN, "control")
+        receivers = sorted({p.dst for p in pieces})
+        for dst in receivers:
+            msg = dict(base, op="kv_recv", table=table,
+                       pieces=[(p.src, *_bounds(p)) for p in pieces if p.dst == dst])
+            if dst == 0:
+                self.receiver.post(msg)
+            else:
+                self.outbox.post(self.link, msg, dst, TAG_PLAN, "control")
+        for r, (sent, recv) in piece_bytes_by_rank(pieces, self.config, seq.prompt_len,
+                                                    self.itemsize).items():
+            acc = self.kv_bytes.setdefault(r, [0, 0])
+            acc[0] += sent
+            acc[1] += recv
+        self.transfers[xfer] = [seq, replica, table, set(receivers)]
+        self.times[seq.request.request_id]["reserved"] = time.perf_counter()
+        self.num_transfers += 1
+
+    def take_acks(self) -> None:
+        """Receivers that have their pieces; a transfer all receivers have ends: the
+        prefill blocks are freed and the request joins the decode scheduler."""
+        acks = [(0, x) for x in self.receiver.progress()]
+        for r in range(1, self.layout.decode.world):
+            while True:
+                ok, ids = poll_object(self.link, r, TAG_KV_ACK, "control")
+                if not ok:
+                    break
+                acks += [(r, x) for x in ids]
+        for r, xfer in acks:
+            t = self.transfers[xfer]
+            t[3].discard(r)
+            if t[3]:
+                continue
+            seq, d, table, _ = self.transfers.pop(xfer)
+            self.prefill.pools[0].release(seq.table)  # the decode side has it now
+            self.times[seq.request.request_id]["transferred"] = time.perf_counter()
+            self.decode.attach(seq, d, table, self.admissions)
+            self.admissions += 1
+            if seq.aborted:
+                self.decode.abort(seq.request.request_id)
+
+
+def _bounds(piece) -> tuple:
+    return piece.layers.start, piece.layers.stop, piece.heads.start, piece.heads.stop
