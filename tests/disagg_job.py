@@ -22,6 +22,7 @@ from mpipar.comm.ledger import Ledger
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
+from mpipar.parallel.predict import predict_rank
 from mpipar.serve.disagg import DisaggEngine
 from mpipar.serve.engine import EngineOptions
 from mpipar.serve.groups import DisaggComms, connect_group, parse_groups
@@ -80,10 +81,22 @@ def run_case(world, case):
     else:
         engine.run_worker()
     report = engine.report()
+    # Each group's own model traffic (TP, PP, EP) against the cost model, on its layout.
+    group_report = engine.model.report()  # collective inside the group
+    wrong = []
+    if engine.comms.world.rank == 0:
+        for r in group_report:
+            for kind, want in predict_rank(source.config, engine.comms.layout, r).items():
+                got = r["ledger"].get(kind, {}).get("sent_bytes", 0)
+                if got != want:
+                    wrong.append((engine.prefill, r["rank"], kind, got, want))
+    wrong = sum(world.gather(wrong, root=0) or [], [])
     if rec is not None:
         rec["ledger"] = [{"rank": r["rank"], "prefill": r["prefill"],
                           "kv": r["ledger"].get("kv_transfer", {}),
                           "kv_predicted": r["kv_predicted"]} for r in report]
+        rec["model_traffic_mismatches"] = wrong
+        rec["model_kinds_seen"] = sorted({k for r in report for k in r["ledger"]})
     return rec
 
 

@@ -95,6 +95,7 @@ def test_six_pairs_match_the_reference_and_the_kv_bytes(tmp_path, fixtures_dir):
         s = rec["stats"]
         assert s["kv_transfers"] == len(rec["got"]) and s["kv_blocks_used"] == 0, (name, s)
         assert s["decode_num_preemptions"] == 0, (name, s)
+        assert rec["model_traffic_mismatches"] == [], (name, rec["model_traffic_mismatches"])
         for r in rec["ledger"]:
             got = [r["kv"].get("sent_bytes", 0), r["kv"].get("recv_bytes", 0)]
             assert got == r["kv_predicted"], (name, r)

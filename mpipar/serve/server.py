@@ -14,6 +14,9 @@ them to every rank): the workers wait for rank 0, which stops accepting requests
 the open ones, tells the workers to leave and exits 0 with them. An error on one rank
 aborts the whole job (mpipar.runner.main), so a dead rank never leaves the others hanging.
 vLLM's flag names are accepted as aliases, so a vLLM command line carries over.
+``--prefill tp=T1,pp=P1 --decode tp=T2,dp=D2`` serves disaggregated instead: the world
+splits into a decode group and a prefill group (serve/groups.py, serve/disagg.py)
+behind the same driver and HTTP side.
 """
 
 from __future__ import annotations
