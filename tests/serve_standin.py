@@ -25,7 +25,9 @@ class StandinEngine:
         self.eos = set(eos_token_ids)
         self.running: dict[str, dict] = {}
         self.aborted: set[str] = set()
+        self.abort_log: list[str] = []  # every abort() of a running request
         self.steps = 0
+        self.step_delay_s = 0.0  # a slower engine, for tests that need one
 
     def add_request(self, req) -> None:
         p, v = req.params, self.config.vocab_size
@@ -47,11 +49,14 @@ class StandinEngine:
     def abort(self, request_id: str) -> None:
         if request_id in self.running:
             self.aborted.add(request_id)
+            self.abort_log.append(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.running)
 
     def step(self) -> list[RequestOutput]:
+        import time
+        time.sleep(self.step_delay_s)
         self.steps += 1
         outs = []
         for rid in [r for r in self.running if r in self.aborted]:

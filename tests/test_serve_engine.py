@@ -128,24 +128,28 @@ def check_served(got, want, reasons, stats, layout):
 
 def test_bad_requests_are_refused_and_offline_batches_repeat(world, fixtures_dir):
     """RequestError for what the engine cannot serve; generate_offline twice on one
-    engine (the pool's cached prefixes carry over) gives the same tokens."""
+    engine (the pool's cached prefixes carry over) gives the same tokens, seeds included
+    (negative ones too); with P stages, P micro-batches were in flight at once."""
     source = CheckpointReader(os.path.join(fixtures_dir, "qwen3-tiny"))
     n = world.Get_size()
     engine = ServeEngine(make_comms(Layout(pp=n), world), source, EngineOptions(**OPTIONS))
     if world.Get_rank() == 0:
         bad = [([], {}), ([1, 256], {}), ([1, -1], {}), ([1] * 30, {"max_tokens": 11}),
-               ([1], {"max_tokens": 0}), ([1], {"temperature": -1.0}), ([1], {"top_p": 0.0})]
+               ([1], {"max_tokens": 0}), ([1], {"temperature": -1.0}), ([1], {"top_p": 0.0}),
+               ([1], {"temperature": "hot"}), ([1], {"seed": 1.5}), ([1], {"max_tokens": 2.0}),
+               ([1], {"stop_token_ids": ["a"]}), ([True], {})]
         for prompt, kw in bad:
             with pytest.raises(RequestError):
                 engine.add_request(Request("x", prompt, SamplingParams(**kw)))
         assert not engine.has_unfinished()
     reqs = [Request(str(i), [(7 * i + j) % 256 for j in range(5 + 3 * i)],
-                    SamplingParams(max_tokens=4)) for i in range(3)]
+                    SamplingParams(max_tokens=4, temperature=0.5 * i, seed=-i)) for i in range(3)]
     first = generate_offline(engine, reqs)
     second = generate_offline(engine, reqs)
     if world.Get_rank() == 0:
         assert first == second and all(len(t) == 4 for t in first)
         assert engine.stats()["prefix_cache_hit_tokens"] > 0
+        assert engine.stats()["peak_in_flight"] == min(n, 3)  # a lane per stage (3 requests)
     if world.Get_rank() == 0:  # abort: frees the blocks once nothing of it is in flight
         engine.add_request(Request("a", list(range(1, 30)), SamplingParams(max_tokens=8)))
         engine.step()

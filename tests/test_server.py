@@ -58,6 +58,8 @@ def tp2(text_model):
     with ServerJob(2, ["--model", text_model, "--tp", "2", "--served-model-name", "tiny",
                        *SMALL_POOL]) as job:
         yield job
+        code = job.stop(signal.SIGINT)  # Ctrl-C: mpirun forwards it to every rank
+        assert code == 0 and job.stop_s < 10, (code, job.stop_s, job.output()[-3000:])
 
 
 def client(job, key="none"):
@@ -115,6 +117,10 @@ def test_openai_client_text_stream_and_chat(tp2, text_model):
                                        temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+    sampled = [c.completions.create(model="tiny", prompt=[4, 2], max_tokens=12, seed=seed,
+                                    temperature=1.0, extra_body={"return_token_ids": True})
+               .choices[0].token_ids for seed in (11, 11, 12)]
+    assert sampled[0] == sampled[1] != sampled[2]  # a seed fixes the draw
     msgs = [{"role": "user", "content": "Split me over two ranks."}]
     chat = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=6,
                                      temperature=0, extra_body={"return_token_ids": True})
@@ -231,7 +237,6 @@ def test_all_interfaces_warning_and_a_dead_rank_ends_the_job(text_model):
 
 def test_bad_flags_and_taken_port_exit_2_with_one_message(text_model):
     for args, says in ((["--model", text_model, "--tp", "3"], "tp*dp*pp"),
-                       (["--model", text_model, "--max-num-seqs", "0"], "--max-num-seqs"),
                        (["--model", text_model, "--bogus"], "unrecognized arguments")):
         out = run_mpi(2, [PROGRAM, *args], timeout=60)
         errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
@@ -246,3 +251,26 @@ def test_bad_flags_and_taken_port_exit_2_with_one_message(text_model):
     errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
     assert out.returncode == 2 and len(errors) == 1 and "cannot listen" in errors[0], \
         (out.stdout, out.stderr)
+
+
+def test_bench_serve_quick(tmp_path):
+    """programs/bench_serve.py --quick: offline rows, an online row, the JSON it promises."""
+    from mpipar.launch import clean_env
+    out = tmp_path / "serve.json"
+    bench = os.path.join(os.path.dirname(PROGRAM), "bench_serve.py")
+    proc = subprocess.run([sys.executable, bench, "--quick", "--layouts", "tp1",
+                           "--rate-factors", "0.5", "--json", str(out)], env=clean_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert [(r["layout"], r["workload"]) for r in records] == \
+        [("tp1", "offline"), ("tp1", "poisson")]
+    for r in records:
+        for key in ("impl", "requests", "output_tokens", "seconds", "output_tokens_per_s"):
+            assert key in r, (key, r)
+        assert r["output_tokens"] > 0 and r["output_tokens_per_s"] > 0
+    assert records[0]["roofline_output_tokens_per_s"] > 0
+    online = records[1]
+    assert online["completed"] == online["requests"] and online["failed"] == 0
+    assert online["ttft"]["p99_ms"] >= online["ttft"]["median_ms"] > 0
+    assert " impl " in proc.stdout and "poisson" in proc.stdout

@@ -199,6 +199,10 @@ def test_stop_string_and_stop_token_id(server):
     assert r.choices[0].text == text[:text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].model_extra["stop_reason"] == stop
+    chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                       temperature=0, stop=stop, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == text[:text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 BAD = [
@@ -232,8 +236,12 @@ def test_malformed_json_unknown_model_and_no_template(server, fixtures_dir):
     r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": [1,', timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": [1]}', timeout=30)
+    assert r.status_code == 400 and "Content-Type: application/json" in r.text
     r = httpx.post(server.url + "/v1/completions", json={"model": "gpt-9", "prompt": [1]})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
     bare = InProcessServer(os.path.join(fixtures_dir, "qwen3-tiny"))
     try:
         r = httpx.post(bare.url + "/v1/chat/completions", timeout=30,
@@ -265,15 +273,26 @@ def test_api_key_and_health_before_ready(fixtures_dir):
         s.close()
 
 
-def test_disconnect_mid_stream_aborts(server):
-    body = {"prompt": [1, 2, 3], "max_tokens": 100, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-        first = next(ln for ln in r.iter_lines() if ln)
-        assert first.startswith("data: ")
-    t_end = time.monotonic() + 10
-    while server.engine.running and time.monotonic() < t_end:
-        time.sleep(0.05)
-    assert not server.engine.running, "the engine still runs the abandoned request"
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts(server, stream):
+    body = {"prompt": [1, 2, 3], "max_tokens": 120, "stream": stream, "ignore_eos": True}
+    aborts = len(server.engine.abort_log)
+    server.engine.step_delay_s = 0.05  # 120 steps: 6 s, far longer than the wait below
+    try:
+        if stream:
+            with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                              timeout=30) as r:
+                assert next(ln for ln in r.iter_lines() if ln).startswith("data: ")
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+        t_end = time.monotonic() + 3
+        while server.engine.running and time.monotonic() < t_end:
+            time.sleep(0.05)
+        assert not server.engine.running, "the engine still runs the abandoned request"
+        assert len(server.engine.abort_log) == aborts + 1
+    finally:
+        server.engine.step_delay_s = 0.0
 
 
 def test_metrics(server):

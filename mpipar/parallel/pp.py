@@ -67,6 +67,7 @@ class InFlight:
     def __init__(self, depth: int):
         self.depth = max(1, depth)
         self._queue = deque()
+        self.peak = 0  # the most micro-batches that were in flight at once
 
     def __len__(self):
         return len(self._queue)
@@ -77,6 +78,7 @@ class InFlight:
 
     def push(self, item) -> None:
         self._queue.append(item)
+        self.peak = max(self.peak, len(self._queue))
 
     def oldest(self):
         return self._queue[0]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ChatTemplateError
 from .detok import TextStream
@@ -55,22 +56,23 @@ def create_app(model: ServedModel, driver, metrics, api_key: str | None = None) 
     app = FastAPI(title="mpipar", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if "json" not in request.headers.get("content-type", ""):
+            return _error(400, "the body must be JSON (Content-Type: application/json)")
         if first.get("type") == "json_invalid":
             return _error(400, f"malformed JSON body: {first.get('msg', '')}")
         return _error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
                       loc[0] if loc else None)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                              kind="AuthenticationError")
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):  # 404, 405 as OpenAI bodies
+        return _error(exc.status_code, str(exc.detail), kind="NotFoundError"
+                      if exc.status_code == 404 else "BadRequestError")
+
+    if api_key:
+        app.add_middleware(_KeyCheck, key=api_key)
 
     @app.get("/health")
     async def health():
@@ -148,6 +150,23 @@ def create_app(model: ServedModel, driver, metrics, api_key: str | None = None) 
     return app
 
 
+class _KeyCheck:
+    """ASGI middleware: ``Authorization: Bearer KEY`` on every path but /health. (A plain
+    ASGI wrapper: Starlette's BaseHTTPMiddleware would hide client disconnects.)"""
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.want):
+                response = _error(401, "missing or wrong API key (Authorization: Bearer "
+                                  "KEY)", kind="AuthenticationError")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class _Job:
     """The engine requests of one HTTP request, turned into OpenAI response objects."""
 
@@ -213,10 +232,14 @@ class _Job:
 
     async def whole(self, request: Request):
         try:
+            next_check = time.monotonic() + DISCONNECT_POLL_S
             while self.open_ids():
                 try:
                     await asyncio.wait_for(self.next_events(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() >= next_check:  # the client may have gone
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         return Response(status_code=499)
         except ServerClosing as e:

@@ -24,7 +24,6 @@ loop; ``ParallelModel.generate`` runs through it (serve/offline.py).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -35,7 +34,7 @@ import numpy as np
 from ..comm.control import Outbox, poll_object, wait_object
 from ..parallel.pp import InFlight
 from .kvpool import KVPool, blocks_for
-from .request import Request, RequestError
+from .request import Request, RequestError, check_request
 from .scheduler import Scheduler, Seq
 
 TAG_RESULT = 32
@@ -101,7 +100,6 @@ class ServeEngine:
         self.reporters = [layout.rank_of(tp=0, dp=d, pp=layout.pp - 1)
                           for d in range(layout.dp)]
         self.outbox = Outbox()
-        self._slots_seen = set()
         if self.rank != 0:
             return
         self.eos = list(o.eos_token_ids) if o.eos_token_ids is not None else eos_token_ids(source)
@@ -118,26 +116,15 @@ class ServeEngine:
 
     # ---- rank 0: requests
     def add_request(self, req: Request, sample_key: int = 0) -> None:
-        p, vocab = req.params, self.model.config.vocab_size
-        ids = req.prompt_ids
-        if not isinstance(ids, list) or not ids:
-            raise RequestError("the prompt must be a non-empty list of token ids")
-        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or
-               not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
-        if not (math.isfinite(p.temperature) and p.temperature >= 0) or not 0 < p.top_p <= 1:
-            raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
-        if len(ids) + p.max_tokens > self.max_model_len:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) "
-                               f"is more than max_model_len={self.max_model_len}")
+        check_request(req, self.model.config.vocab_size, self.max_model_len)
+        p = req.params
         if req.request_id in self.scheduler.seqs:
             raise RequestError(f"request id {req.request_id!r} is already running")
         stop = set(int(t) for t in p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos))
-        seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
-        seq = Seq(req, self.next_slot, int(seed), int(sample_key), 0,
-                  [int(t) for t in ids], frozenset(stop))
+        # numpy's generators take seeds >= 0: a negative one maps to its 64-bit pattern
+        seed = int(p.seed) % (1 << 64) if p.seed is not None else self._seeds.getrandbits(63)
+        seq = Seq(req, self.next_slot, seed, int(sample_key), 0,
+                  [int(t) for t in req.prompt_ids], frozenset(stop))
         self.slots[seq.slot] = seq
         self.next_slot += 1
         self.scheduler.add(seq)
@@ -149,7 +136,8 @@ class ServeEngine:
         return self.scheduler.has_unfinished() or len(self.window) > 0
 
     def stats(self) -> dict:
-        return dict(self.scheduler.stats(), last_step_tokens=self.last_step_tokens)
+        return dict(self.scheduler.stats(), last_step_tokens=self.last_step_tokens,
+                    peak_in_flight=self.window.peak)
 
     # ---- rank 0: the loop
     def step(self) -> list:
@@ -235,8 +223,6 @@ class ServeEngine:
     def _execute(self, plan):
         """Run this rank's part of a plan; rank 0 gets its own replica's result back."""
         mine = plan["entries"][self.comms.coords.dp]
-        self._slots_seen.update(e[0] for e in mine)
-        self.model.n_seqs = len(self._slots_seen)
         out = self.model.run_entries(mine, self.pool, plan["keep_logits"])
         if out is None or self.rank not in self.reporters or not mine:
             return None

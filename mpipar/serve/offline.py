@@ -46,6 +46,7 @@ def generate_batch(model, prompts, max_new_tokens: int, sampler, prefill_chunks:
         micro_batches=decode_microbatches or 1, keep_logits=keep_logits)
     engine = ServeEngine(model.comms, model.source, options, model=model)
     model.decode_steps = max_new_tokens - 1
+    model.n_seqs = len(prompts[model.comms.coords.dp::layout.dp])  # this replica's
     requests = [Request(str(i), [int(t) for t in p],
                         SamplingParams(max_new_tokens, sampler.temperature, sampler.top_p,
                                        sampler.seed, ignore_eos=True))

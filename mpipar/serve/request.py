@@ -1,12 +1,15 @@
 """What a client asks the serving engine for, and what it gets back each step.
 
-Plain data, no MPI and no arrays: the HTTP server (serve/api.py) builds `Request`s,
+Plain data and its checks, no MPI: the HTTP server (serve/api.py) builds `Request`s,
 the engine on world rank 0 validates and schedules them, and hands back one
 `RequestOutput` per request that produced tokens (or finished) in a step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 class RequestError(ValueError):
@@ -44,3 +47,33 @@ class RequestOutput:
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_request(req: Request, vocab_size: int, max_model_len: int) -> None:
+    """Raise RequestError (a message for the client) for what the engine cannot run."""
+    p, ids = req.params, req.prompt_ids
+    if not isinstance(ids, list) or not ids:
+        raise RequestError("the prompt must be a non-empty list of token ids")
+    if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if not _is_int(p.max_tokens) or p.max_tokens < 1:
+        raise RequestError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
+    if not (_is_number(p.temperature) and math.isfinite(p.temperature) and p.temperature >= 0):
+        raise RequestError(f"temperature must be a number >= 0, got {p.temperature!r}")
+    if not (_is_number(p.top_p) and 0 < p.top_p <= 1):
+        raise RequestError(f"top_p must be in (0, 1], got {p.top_p!r}")
+    if p.seed is not None and not _is_int(p.seed):
+        raise RequestError(f"seed must be an integer, got {p.seed!r}")
+    if not isinstance(p.stop_token_ids, list) or not all(_is_int(t) for t in p.stop_token_ids):
+        raise RequestError("stop_token_ids must be a list of integers")
+    if len(ids) + p.max_tokens > max_model_len:
+        raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) "
+                           f"is more than max_model_len={max_model_len}")
