@@ -38,7 +38,7 @@ from mpipar.benchkit import ints, launch_worker, machine  # noqa: E402
 
 
 def scrape(url: str) -> dict:
-    """The disaggregated server's /metrics: phase means (s) and kv_transfer byte gauges."""
+    """The disaggregated server's /metrics: phase sums and counts, kv_transfer gauges."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     sums, counts, kv = {}, {}, {}
@@ -54,8 +54,7 @@ def scrape(url: str) -> dict:
             counts[labels["phase"].strip('"')] = value
         elif name == "mpipar:kv_transfer_bytes":
             kv[labels["what"].strip('"')] = value
-    return {"phases_mean_s": {k: sums[k] / counts[k] for k in sums if counts.get(k)},
-            "kv": kv}
+    return {"sums": sums, "counts": counts, "kv": kv}
 
 
 def online(cfg: dict, layout: str, rate: float, slo_ms: dict) -> dict:
@@ -88,7 +87,10 @@ def online(cfg: dict, layout: str, rate: float, slo_ms: dict) -> dict:
         rec["kv_bytes_per_request_predicted"] = (
             after["kv"]["kv_transfer_bytes_predicted"]
             - warm_bytes["kv_transfer_bytes_predicted"]) / n
-        rec["phases_mean_s"] = after["phases_mean_s"]  # (includes the 2 warm-up requests)
+        rec["phases_mean_s"] = {  # of the measured requests (not the warm-up)
+            k: (after["sums"][k] - before["sums"].get(k, 0.0))
+            / (after["counts"][k] - before["counts"].get(k, 0.0))
+            for k in after["sums"] if after["counts"][k] > before["counts"].get(k, 0.0)}
     return rec
 
 
@@ -106,7 +108,8 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=ints, default=[512, 1024], help="LO,HI")
     p.add_argument("--output-len", type=ints, default=[32, 64], help="LO,HI")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, dest="budget")
-    p.add_argument("--load", type=float, default=0.7, help="rate / colocated capacity")
+    p.add_argument("--loads", default="0.7",
+                   help="comma-separated rates as fractions of the colocated capacity")
     p.add_argument("--slo-ttft-ms", type=float, default=20000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
@@ -135,10 +138,9 @@ def print_table(records, capacity, slo_ms, formula) -> None:
               f"{ms(r, 'tpot'):20s} | {r['itl_p99_s'] * 1e3:10.0f} | {r['goodput_rps']:7.3f} "
               f"| {kv}")
     print(f" cost model 2*L*KV*d*P*4 over the workload: {formula:.0f} bytes/request")
-    by = {r["layout"]: r for r in records}
-    if {"dp2", "disagg-1p1d"} <= set(by):
-        a, b = by["dp2"], by["disagg-1p1d"]
-        print(f" disagg/dp2: TPOT p99 {b['tpot_p99_s'] / a['tpot_p99_s']:.2f}x, TTFT p99 "
+    for a, b in zip(records[::2], records[1::2], strict=True):  # dp2, disagg per load
+        print(f" at {a['load']} of capacity, disagg/dp2: TPOT p99 "
+              f"{b['tpot_p99_s'] / a['tpot_p99_s']:.2f}x, TTFT p99 "
               f"{b['ttft_p99_s'] / a['ttft_p99_s']:.2f}x, ITL p99 "
               f"{b['itl_p99_s'] / a['itl_p99_s']:.2f}x")
         if "phases_mean_s" in b:
@@ -158,11 +160,12 @@ def main(argv=None) -> int:
     print(f"  colocated dp2 offline: {offline['seconds']:.1f} s for {args.requests} requests",
           flush=True)
     slo_ms = {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms}
-    rate = args.load * capacity
     records = []
-    for layout in ("dp2", "disagg-1p1d"):
-        records.append(online(cfg, layout, rate, slo_ms))
-        print(f"  {layout}: TPOT p99 {records[-1]['tpot_p99_s'] * 1e3:.0f} ms", flush=True)
+    for load in (float(x) for x in args.loads.split(",")):
+        for layout in ("dp2", "disagg-1p1d"):
+            records.append(dict(online(cfg, layout, load * capacity, slo_ms), load=load))
+            print(f"  {layout} at {load}: TPOT p99 {records[-1]['tpot_p99_s'] * 1e3:.0f} ms",
+                  flush=True)
     formula = formula_bytes_per_request(cfg, config)
     print_table(records, capacity, slo_ms, formula)
     if args.json:
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
             json.dump({"benchmark": "serve", "preset": args.preset, "machine": machine(),
                        "workload": {k: cfg[k] for k in ("requests", "prompt_len",
                                                         "output_len", "seed", "budget")},
-                       "load": args.load, "colocated_capacity_rps": capacity,
+                       "loads": args.loads, "colocated_capacity_rps": capacity,
                        "offline_dp2_seconds": offline["seconds"],
                        "kv_bytes_per_request_formula": formula, "records": records}, f,
                       indent=1)

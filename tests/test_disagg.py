@@ -166,3 +166,31 @@ def test_bad_group_flags_exit_2_with_one_message(fixtures_dir):
         errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
         assert out.returncode == 2 and len(errors) == 1 and says in errors[0], \
             (args, out.returncode, out.stdout, out.stderr)
+
+
+@pytest.mark.launcher
+def test_bench_disagg_quick(tmp_path):
+    """programs/bench_disagg.py --quick: a dp2 and a disagg-1p1d Poisson record with the
+    fields the issue asks for; the handoff bytes measured equal the predicted."""
+    import subprocess
+    import sys
+
+    from mpipar.launch import clean_env
+    out = tmp_path / "disagg.json"
+    bench = os.path.join(HERE, "..", "programs", "bench_disagg.py")
+    proc = subprocess.run([sys.executable, bench, "--quick", "--json", str(out)],
+                          env=clean_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    records = data["records"]
+    assert [(r["layout"], r["workload"]) for r in records] == [
+        ("dp2", "poisson"), ("disagg-1p1d", "poisson")]
+    for r in records:
+        assert r["completed"] == r["requests"] and r["failed"] == 0, r
+        for key in ("ttft_p99_s", "tpot_p99_s", "itl_p99_s", "goodput_rps"):
+            assert r[key] > 0, (key, r)
+    d = records[1]
+    assert d["kv_bytes_per_request_measured"] == d["kv_bytes_per_request_predicted"] == \
+        data["kv_bytes_per_request_formula"] > 0
+    assert set(d["phases_mean_s"]) == {"queue", "prefill", "handoff_wait", "transfer",
+                                       "first_decode"}
