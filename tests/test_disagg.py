@@ -160,8 +160,7 @@ def test_bad_group_flags_exit_2_with_one_message(fixtures_dir):
     from mpipar.launch import run_mpi
     program = os.path.join(HERE, "..", "programs", "serve.py")
     tiny = os.path.join(fixtures_dir, "qwen3-tiny")
-    for args, says in ((["--prefill", "tp=2", "--decode", "tp=1"], "3 in all, but the job has 2"),
-                       (["--prefill", "tp=1", "--decode", "tp=1,pp=2"], "--decode")):
+    for args, says in ((["--prefill", "tp=2", "--decode", "tp=1"], "3 in all, but the job has 2"),):
         out = run_mpi(2, [program, "--model", tiny, *args], timeout=60)
         errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
         assert out.returncode == 2 and len(errors) == 1 and says in errors[0], \
@@ -178,7 +177,8 @@ def test_bench_disagg_quick(tmp_path):
     from mpipar.launch import clean_env
     out = tmp_path / "disagg.json"
     bench = os.path.join(HERE, "..", "programs", "bench_disagg.py")
-    proc = subprocess.run([sys.executable, bench, "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, bench, "--quick", "--requests", "4", "--json",
+                           str(out)],
                           env=clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
