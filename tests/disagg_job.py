@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from mpi4py import MPI
@@ -27,6 +28,7 @@ from mpipar.serve.disagg import DisaggEngine
 from mpipar.serve.engine import EngineOptions
 from mpipar.serve.groups import DisaggComms, connect_group, parse_groups
 from mpipar.serve.request import Request, SamplingParams
+from mpipar.trace import write_trace
 
 
 def sleepy_barrier(comm):
@@ -49,7 +51,7 @@ def workload(vocab, n, seed):
 def run_case(world, case):
     layout = parse_groups(case["prefill"], case["decode"])
     source = CheckpointReader(case["model"])
-    ledger = Ledger()
+    ledger = Ledger(trace=bool(case.get("trace")))
     comms = DisaggComms(Group(world, "world", ledger), connect_group(layout, world, ledger))
     options = EngineOptions(block_size=4, kv_cache_tokens=case.get("kv", 256),
                             max_num_batched_tokens=12, max_num_seqs=8, max_model_len=48,
@@ -91,6 +93,9 @@ def run_case(world, case):
                 if got != want:
                     wrong.append((engine.prefill, r["rank"], kind, got, want))
     wrong = sum(world.gather(wrong, root=0) or [], [])
+    if case.get("trace"):  # a Chrome trace of the job: the transfers as spans, both sides
+        write_trace(case["trace"], SimpleNamespace(world=comms.world,
+                                                   coords=comms.group.coords), ledger)
     if rec is not None:
         rec["ledger"] = [{"rank": r["rank"], "prefill": r["prefill"],
                           "kv": r["ledger"].get("kv_transfer", {}),

@@ -75,7 +75,8 @@ def test_six_pairs_match_the_reference_and_the_kv_bytes(tmp_path, fixtures_dir):
     tiny, moe = (os.path.join(fixtures_dir, n) for n in ("qwen3-tiny", "qwen3-moe-tiny"))
     cases = [
         {"model": tiny, "prefill": "tp=1", "decode": "tp=1"},
-        {"model": tiny, "prefill": "tp=1,pp=2", "decode": "tp=2"},
+        {"model": tiny, "prefill": "tp=1,pp=2", "decode": "tp=2",
+         "trace": str(tmp_path / "trace.json")},
         {"model": tiny, "prefill": "tp=2", "decode": "tp=1"},
         {"model": moe, "prefill": "tp=2", "decode": "tp=2,ep=2"},
         {"model": tiny, "prefill": "tp=2", "decode": "tp=4"},  # 2 kv heads: replicated
@@ -107,6 +108,10 @@ def test_six_pairs_match_the_reference_and_the_kv_bytes(tmp_path, fixtures_dir):
         assert all(set(t) == {"queue", "prefill", "handoff_wait", "transfer", "first_decode"}
                    for t in rec["timings"] if len(t) == 5) and rec["timings"], name
     assert records[-1]["stats"]["handoff_waits"] > 0, records[-1]["stats"]
+    spans = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+             if e.get("name") == "kv_transfer"]  # one per piece on its sender and receiver
+    assert sorted({e["pid"] for e in spans}) == [0, 1, 2, 3], spans[:4]
+    assert len(spans) == 2 * 4 * len(records[1]["got"])  # 4 pieces a request
 
 
 @pytest.mark.launcher
