@@ -63,12 +63,17 @@ def run_case(world, case):
         timings = []
         engine.on_timing = lambda rid, t: timings.append(t)
         tokens = {r.request_id: [] for _, r in requests}
+        reasons, abort_after_first = {}, set(case.get("abort_after_first", ()))
         pending, step = list(requests), 0
         while pending or engine.has_unfinished():
             while pending and pending[0][0] <= step:
                 engine.add_request(pending.pop(0)[1])
             for o in engine.step():
                 tokens[o.request_id] += o.new_token_ids
+                if o.finished:
+                    reasons[o.request_id] = o.finish_reason
+                elif o.request_id in abort_after_first:  # now in the handoff
+                    engine.abort(o.request_id)
             step += 1
         stats = engine.stats()
         engine.shutdown()
@@ -77,7 +82,11 @@ def run_case(world, case):
                                           Sampler(), keep_logits=False).tokens[0]]
                 for _, r in requests]
         got = [tokens[r.request_id] for _, r in requests]
+        for i, (_, r) in enumerate(requests):  # aborted: their first token, then nothing
+            if r.request_id in abort_after_first:
+                want[i] = want[i][:1]
         rec = {"case": case, "tokens_equal": got == want, "got": got, "want": want,
+               "reasons": [reasons[r.request_id] for _, r in requests],
                "stats": stats, "timings": timings,
                "prompt_tokens": sum(len(r.prompt_ids) for _, r in requests)}
     else:

@@ -77,7 +77,7 @@ def test_six_pairs_match_the_reference_and_the_kv_bytes(tmp_path, fixtures_dir):
         {"model": tiny, "prefill": "tp=1", "decode": "tp=1"},
         {"model": tiny, "prefill": "tp=1,pp=2", "decode": "tp=2",
          "trace": str(tmp_path / "trace.json")},
-        {"model": tiny, "prefill": "tp=2", "decode": "tp=1"},
+        {"model": tiny, "prefill": "tp=2", "decode": "tp=1", "abort_after_first": ["3", "6"]},
         {"model": moe, "prefill": "tp=2", "decode": "tp=2,ep=2"},
         {"model": tiny, "prefill": "tp=2", "decode": "tp=4"},  # 2 kv heads: replicated
         {"model": tiny, "prefill": "tp=1,pp=2", "decode": "tp=1", "decode_kv": 48,
@@ -94,7 +94,11 @@ def test_six_pairs_match_the_reference_and_the_kv_bytes(tmp_path, fixtures_dir):
         name = f"{rec['case']['prefill']} -> {rec['case']['decode']}"
         assert rec["tokens_equal"], (name, rec["got"], rec["want"])
         s = rec["stats"]
-        assert s["kv_transfers"] == len(rec["got"]) and s["kv_blocks_used"] == 0, (name, s)
+        aborted = rec["case"].get("abort_after_first", [])
+        assert [i for i, r in enumerate(rec["reasons"]) if r == "abort"] == \
+            [int(i) for i in aborted], (name, rec["reasons"])
+        assert s["kv_blocks_used"] == 0 and s["running"] == s["waiting"] == 0, (name, s)
+        assert s["kv_transfers"] >= len(rec["got"]) - len(aborted), (name, s)
         assert s["decode_num_preemptions"] == 0, (name, s)
         assert rec["model_traffic_mismatches"] == [], (name, rec["model_traffic_mismatches"])
         for r in rec["ledger"]:
