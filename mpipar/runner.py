@@ -29,6 +29,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # raise instead of printing on every rank
         raise UsageError(f"{self.prog}: {message}")
 
+    def print_help(self, file=None):  # --help: once, from world rank 0
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            super().print_help(file)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="transformer.py", description=(

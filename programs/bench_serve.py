@@ -47,7 +47,14 @@ HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
 from bench_single_rank import machine_limits, work  # noqa: E402
 
-from mpipar.benchkit import ints, launch_worker, load_note, machine, worker_main  # noqa: E402
+from mpipar.benchkit import (  # noqa: E402
+    cpu_seconds,
+    ints,
+    launch_worker,
+    load_note,
+    machine,
+    worker_main,
+)
 
 LAYOUTS = {"tp1": (1, 1, 1), "dp2": (1, 1, 2), "tp2": (2, 1, 1), "pp2": (1, 2, 1)}  # tp pp dp
 
@@ -140,14 +147,18 @@ def launch_torch(python: str, cfg: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out.json")
         env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+        busy0, ours0, t0 = *cpu_seconds(), time.monotonic()
         proc = subprocess.run([python, HERE, "--torch-worker", json.dumps(cfg),
                                "--worker-out", out], capture_output=True, text=True,
                               timeout=timeout, env=env)
+        busy1, ours1, t1 = *cpu_seconds(), time.monotonic()
         if proc.returncode or not os.path.exists(out):
             raise RuntimeError(f"transformers run failed ({proc.returncode}): "
                                f"{proc.stderr[-1500:]}")
         with open(out) as f:
-            return json.load(f)
+            res = json.load(f)
+        res["other_load_cores"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
+        return res
 
 
 def torch_python(args) -> str | None:

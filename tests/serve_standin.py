@@ -14,7 +14,7 @@ import numpy as np
 from mpipar.model.layers import pack
 from mpipar.model.reference import ReferenceModel
 from mpipar.model.sampling import Sampler
-from mpipar.serve.request import RequestError, RequestOutput
+from mpipar.serve.request import RequestError, RequestOutput, check_request
 
 
 class StandinEngine:
@@ -30,16 +30,8 @@ class StandinEngine:
         self.step_delay_s = 0.0  # a slower engine, for tests that need one
 
     def add_request(self, req) -> None:
-        p, v = req.params, self.config.vocab_size
-        if not req.prompt_ids:
-            raise RequestError("the prompt is empty")
-        if any(not 0 <= t < v for t in req.prompt_ids):
-            raise RequestError(f"prompt token ids must be in [0, {v})")
-        if p.max_tokens < 1:
-            raise RequestError("max_tokens must be at least 1")
-        if len(req.prompt_ids) + p.max_tokens > self.max_model_len:
-            raise RequestError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens "
-                               f"({p.max_tokens}) exceeds max_model_len {self.max_model_len}")
+        check_request(req, self.config.vocab_size, self.max_model_len)  # the engine's rules
+        p = req.params
         if req.request_id in self.running:
             raise RequestError(f"request id {req.request_id} is in use")
         caches = self.model.new_caches(1, len(req.prompt_ids) + p.max_tokens)

@@ -81,3 +81,12 @@ def test_paged_attention_equals_contiguous():
     with pytest.raises(ValueError, match="holds 20 positions"):
         pool.sequence(table, 17)[0].append(*(np.zeros((4, hkv, d), np.float32),) * 2)
     assert pool.nbytes == 2 * 9 * bs * hkv * d * 4
+
+
+def test_consecutive_tables_read_as_views():
+    pool = KVPool(np, 2, 8, 4, 1, 2)
+    k = np.arange(12, dtype=np.float32).reshape(6, 1, 2)
+    kk, _ = pool.sequence([3, 4], 0)[1].append(k, k)
+    assert np.shares_memory(kk, pool.k[1]) and np.array_equal(kk, k)
+    kk, _ = pool.sequence([4, 3], 0)[1].append(k, k)  # not consecutive: gathered
+    assert not np.shares_memory(kk, pool.k[1]) and np.array_equal(kk, k)

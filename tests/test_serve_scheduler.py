@@ -132,3 +132,17 @@ def test_every_request_finishes_under_tiny_budgets(budget):
         h.step()
     assert all(s.generated == s.request.params.max_tokens for s in seqs)
     assert all(r == 0 for r in h.s.pools[0].ref)
+
+
+def test_reserve_admits_with_the_whole_length():
+    h = Harness(reserve=True, num_blocks=5, max_num_batched_tokens=4)
+    a = h.add(make("0", range(6), max_tokens=3))  # 6 + 3 - 1 = 8 positions: 2 blocks
+    b = h.add(make("1", range(20, 29), max_tokens=4))  # 12 positions: 3 blocks
+    c = h.add(make("2", range(40, 43)))  # does not fit beside them
+    h.step()
+    assert a.table == [0, 1] and b.table == [] and list(h.s.waiting[0]) == [b, c]
+    h.step()
+    assert b.table == [2, 3, 4] and a.table == [0, 1]
+    while h.s.has_unfinished():
+        h.step()
+    assert h.s.num_preemptions == 0 and c.generated == 4

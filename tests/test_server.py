@@ -237,11 +237,16 @@ def test_all_interfaces_warning_and_a_dead_rank_ends_the_job(text_model):
 
 def test_bad_flags_and_taken_port_exit_2_with_one_message(text_model):
     for args, says in ((["--model", text_model, "--tp", "3"], "tp*dp*pp"),
-                       (["--model", text_model, "--bogus"], "unrecognized arguments")):
+                       (["--model", text_model, "--bogus"], "unrecognized arguments"),
+                       (["--model", text_model, "--tp", "2", "--kv-cache-tokens", "32"],
+                        "too few")):
         out = run_mpi(2, [PROGRAM, *args], timeout=60)
         errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "error:" in ln]
         assert out.returncode == 2 and len(errors) == 1 and says in errors[0], \
             (args, out.returncode, out.stdout, out.stderr)
+    out = run_mpi(2, [PROGRAM, "--help"], timeout=60)
+    assert out.returncode == 0 and out.stdout.count("usage: serve.py") == 1, out.stdout
+    assert "--tensor-parallel-size" in out.stdout
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

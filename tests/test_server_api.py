@@ -247,6 +247,9 @@ def test_malformed_json_unknown_model_and_no_template(server, fixtures_dir):
         r = httpx.post(bare.url + "/v1/chat/completions", timeout=30,
                        json={"messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
+        assert r.status_code == 400 and "tools" in r.json()["error"]["message"]
         r = httpx.post(bare.url + "/v1/completions", json={"prompt": "text"}, timeout=30)
         assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
     finally:

@@ -173,7 +173,8 @@ class AttentionWeights:
 def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta):
     """Self-attention of packed tokens; returns o_proj output [N, h] (partial if sliced).
 
-    x [N, h] (already normed); caches: one KVCache per sequence; segments: list of
+    x [N, h] (already normed); caches: one per sequence, anything with ``length`` and
+    ``append(k, v) -> (K, V)`` (KVCache here, serve/kvpool.PagedKV); segments: list of
     (seq_index, start_row, n_rows) of x, in order. Each segment's tokens are the next
     positions of its sequence (appended to its cache).
     """

@@ -51,6 +51,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     micro_batches: int | None = None  # lanes of disjoint requests; None: one per stage
     keep_logits: bool = False  # full logits of every computed row back to rank 0 (checks)
+    reserve: bool = False  # admit a request with blocks for its whole length (offline)
 
 
 def eos_token_ids(source) -> list[int]:
@@ -83,9 +84,10 @@ class ServeEngine:
         config, layout = self.model.config, comms.layout
         self.max_model_len = o.max_model_len or config.max_position_embeddings
         for name in ("block_size", "kv_cache_tokens", "max_num_batched_tokens",
-                     "max_num_seqs", "micro_batches"):
+                     "max_num_seqs", "micro_batches", "max_model_len"):
             value = getattr(o, name) if name != "micro_batches" else (o.micro_batches or 1)
-            if not isinstance(value, int) or value < 1:
+            value = self.max_model_len if name == "max_model_len" else value
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.num_blocks = o.kv_cache_tokens // o.block_size
         if self.num_blocks < blocks_for(self.max_model_len, o.block_size):
@@ -106,7 +108,8 @@ class ServeEngine:
         lanes = o.micro_batches or layout.pp
         self.scheduler = Scheduler(layout.dp, self.num_blocks, o.block_size,
                                    o.max_num_batched_tokens, o.max_num_seqs,
-                                   self.max_model_len, lanes, o.enable_prefix_caching)
+                                   self.max_model_len, lanes, o.enable_prefix_caching,
+                                   o.reserve)
         self.lanes, self.next_lane = lanes, 0
         self.window = InFlight(layout.pp)
         self.slots = {}  # slot -> Seq

@@ -13,7 +13,9 @@ bookkeeping (``BlockManager``, one per replica) and the plan carries the tables.
 Attention reads a sequence through ``PagedKV``, which offers what the contiguous
 ``layers.KVCache`` offers (``length`` and ``append(k, v) -> (K, V)`` views
 ``[S, Hkv, D]``): ``layers.attention`` runs unchanged on either. The view gathers the
-table's blocks (a copy of ``S * Hkv_l * D`` values per layer and step).
+table's blocks (a copy of ``S * Hkv_l * D`` values per layer and step), or takes a view
+when the table is consecutive blocks (``generate`` reserves whole sequences up front in a
+fresh pool, so there it never copies).
 
 Prefix caching: a full block's hash is ``sha256(parent hash + its token ids)``, so equal
 hashes mean equal whole prefixes. A block whose tokens are all scheduled is registered
@@ -47,27 +49,34 @@ def extend_hashes(hashes: list, tokens, block_size: int) -> None:
 class PagedKV:
     """One sequence's keys/values of one layer, read and written through its block table."""
 
-    def __init__(self, xp, k_pool, v_pool, table, length: int):
+    def __init__(self, xp, k_pool, v_pool, table, length: int, first: int | None = None):
         self.xp, self.k_pool, self.v_pool = xp, k_pool, v_pool
-        self.table = xp.asarray(np.asarray(table, dtype=np.int64))  # [blocks]
+        self.table = table  # [blocks] host ints
         self.length = length  # positions already in the cache (this chunk starts here)
+        self.first = first  # set when the table is first, first+1, ...: views, no copy
 
     def append(self, k, v):
         """k, v [t, Hkv, D] at positions length .. length+t-1 -> K, V [S, Hkv, D]."""
         xp, bs = self.xp, self.k_pool.shape[1]
         end = self.length + k.shape[0]
-        if end > self.table.shape[0] * bs:
-            raise ValueError(f"block table of {self.table.shape[0]} blocks holds "
-                             f"{self.table.shape[0] * bs} positions, not {end}")
-        pos = xp.arange(self.length, end)
-        blocks, offsets = self.table[pos // bs], pos % bs
-        self.k_pool[blocks, offsets] = k
-        self.v_pool[blocks, offsets] = v
-        self.length = end
-        used = self.table[:blocks_for(end, bs)]
+        if end > len(self.table) * bs:
+            raise ValueError(f"block table of {len(self.table)} blocks holds "
+                             f"{len(self.table) * bs} positions, not {end}")
         shape = (-1,) + self.k_pool.shape[2:]
-        return (self.k_pool[used].reshape(shape)[:end],
-                self.v_pool[used].reshape(shape)[:end])
+        if self.first is not None:  # consecutive blocks: one view of them
+            used = slice(self.first, self.first + blocks_for(end, bs))
+            keys, values = self.k_pool[used].reshape(shape), self.v_pool[used].reshape(shape)
+            keys[self.length:end], values[self.length:end] = k, v
+        else:
+            table = xp.asarray(np.asarray(self.table, dtype=np.int64))
+            pos = xp.arange(self.length, end)
+            blocks, offsets = table[pos // bs], pos % bs
+            self.k_pool[blocks, offsets] = k
+            self.v_pool[blocks, offsets] = v
+            used = table[:blocks_for(end, bs)]
+            keys, values = self.k_pool[used].reshape(shape), self.v_pool[used].reshape(shape)
+        self.length = end
+        return keys[:end], values[:end]
 
 
 class KVPool:
@@ -84,7 +93,11 @@ class KVPool:
 
     def sequence(self, table, length: int) -> list[PagedKV]:
         """One PagedKV per local layer for a sequence with ``length`` cached positions."""
-        return [PagedKV(self.xp, k, v, table, length) for k, v in zip(self.k, self.v, strict=True)]
+        table = [int(b) for b in table]
+        consecutive = table == list(range(table[0], table[0] + len(table))) if table else False
+        first = table[0] if consecutive else None
+        return [PagedKV(self.xp, k, v, table, length, first)
+                for k, v in zip(self.k, self.v, strict=True)]
 
     @property
     def nbytes(self) -> int:

@@ -4,8 +4,10 @@ Every prompt arrives at t=0 (``engine.generate_offline``). The old generate's kn
 onto the engine's: ``prefill_chunks`` K gives a token budget of 1/K of the largest
 replica's prompt tokens (never fewer than its sequences), so each prompt is spread over
 about K steps that follow each other through the pipeline; ``decode_microbatches`` M
-gives M lanes of disjoint requests. The pool holds every request whole (no preemption)
-and prefix caching is off when logits are kept, so every prompt row gets its logits.
+gives M lanes of disjoint requests. The pool holds every request whole, reserved at
+admission, so each one's blocks are consecutive and attention reads them as views (no
+gather, as fast as a contiguous cache); prefix caching is off when logits are kept, so
+every prompt row gets its logits.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def generate_batch(model, prompts, max_new_tokens: int, sampler, prefill_chunks:
         max_num_batched_tokens=budget, max_num_seqs=n,
         max_model_len=max(len(p) for p in prompts) + max_new_tokens,
         eos_token_ids=[], enable_prefix_caching=not keep_logits,
-        micro_batches=decode_microbatches or 1, keep_logits=keep_logits)
+        micro_batches=decode_microbatches or 1, keep_logits=keep_logits, reserve=True)
     engine = ServeEngine(model.comms, model.source, options, model=model)
     model.decode_steps = max_new_tokens - 1
     model.n_seqs = len(prompts[model.comms.coords.dp::layout.dp])  # this replica's

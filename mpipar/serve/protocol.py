@@ -57,17 +57,11 @@ class _Common(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
     def sampling(self, max_tokens: int, defaults: dict) -> SamplingParams:
+        """The engine's SamplingParams (their ranges are checked in one place, by the
+        engine: request.check_request); unset fields take generation_config's values."""
         temperature = self.temperature if self.temperature is not None \
             else defaults.get("temperature", 1.0)
         top_p = self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)
-        if temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-        if self.seed is not None and self.seed < 0:
-            raise RequestError(f"seed must be >= 0, got {self.seed}")
-        if max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {max_tokens}")
         return SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
                               top_p=float(top_p), seed=self.seed,
                               stop_token_ids=list(self.stop_token_ids or []),
@@ -122,6 +116,15 @@ class ChatRequest(_Common):
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.tools:
+            raise RequestError("tools (function calling) are not supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise RequestError("response_format other than text is not supported")
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \

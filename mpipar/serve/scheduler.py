@@ -15,7 +15,8 @@ Growing a running request may need a block the pool does not have: then the most
 recently admitted request that has nothing in flight is preempted (its blocks are
 released, it goes back to the front of the queue and recomputes its prompt and the
 tokens it already produced later; nothing is lost, as its tokens stay). If that is the
-request itself, it waits.
+request itself, it waits. With ``reserve`` (the offline ``generate``) a request is
+admitted with the blocks of its whole length and never grows.
 
 Lanes: with P pipeline stages up to P micro-batches are in flight (pp.py), and they
 must hold disjoint requests, since a request's next token needs its last one. A request
@@ -81,10 +82,11 @@ class Seq:
 class Scheduler:
     def __init__(self, replicas: int, num_blocks: int, block_size: int,
                  max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-                 lanes: int = 1, prefix_caching: bool = True):
+                 lanes: int = 1, prefix_caching: bool = True, reserve: bool = False):
         self.block_size, self.budget = block_size, max_num_batched_tokens
         self.max_seqs = max_num_seqs
         self.max_model_len, self.lanes = max_model_len, lanes
+        self.reserve = reserve  # admit with the blocks of the whole request (no growth)
         self.lane_cap = blocks_for(max_num_seqs, lanes)
         self.pools = [BlockManager(num_blocks, block_size, prefix_caching)
                       for _ in range(replicas)]
@@ -170,7 +172,10 @@ class Scheduler:
             hits = pool.lookup(seq.hashes[:cacheable])
             start = len(hits) * self.block_size
             n = min(len(seq.tokens) - start, budget)
-            need = blocks_for(start + n, self.block_size) - len(hits)
+            # The last token's keys are never needed: a request holds len + max_tokens - 1.
+            end = seq.prompt_len + seq.request.params.max_tokens - 1 if self.reserve \
+                else start + n
+            need = blocks_for(end, self.block_size) - len(hits)
             if need > pool.free_after_taking(hits):
                 break
             pool.take(hits)

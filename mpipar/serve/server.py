@@ -109,7 +109,7 @@ def parse_args(argv):
     return args
 
 
-def engine_options(args, source):
+def engine_options(args):
     from .engine import EngineOptions
     given = {"block_size": args.block_size, "kv_cache_tokens": args.kv_cache_tokens,
              "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -199,7 +199,7 @@ def run(argv, world=None) -> int:
 
 def _engine(comms, source, args):
     from .engine import ServeEngine
-    return ServeEngine(comms, source, engine_options(args, source))
+    return ServeEngine(comms, source, engine_options(args))
 
 
 class _Web:
