@@ -181,7 +181,7 @@ def connect(device: str, layout: DisaggLayout, world, ledger, say) -> DisaggComm
 def build_engine(comms: DisaggComms, layout, source, args):
     from .disagg import DisaggEngine
     from .server import engine_options
-    return DisaggEngine(comms, layout, source, engine_options(args, source),
+    return DisaggEngine(comms, layout, source, engine_options(args),
                         args.decode_kv_cache_tokens)
 
 
