@@ -11,23 +11,35 @@ def test_blocks_for():
     assert [blocks_for(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
 
 
-def test_allocate_release_lru_and_refcounts():
-    m = BlockManager(6, 4)
-    a = m.allocate(2)
-    b = m.allocate(3)
-    assert a == [0, 1] and b == [2, 3, 4] and m.num_free == 1
+def test_allocation_keeps_tables_consecutive_then_falls_back_to_lru():
+    m = BlockManager(8, 4)
+    assert m.allocate(2) == [3, 4]  # a new sequence: the middle of the free run
+    assert m.allocate(1, after=4) == [5]  # growth: the next block
+    assert m.allocate(2) == [0, 1]  # the longest free run left is 0..2
+    assert m.allocate(1, after=1) == [2]
+    assert m.allocate(2, after=5) == [6, 7] and m.num_free == 0
     with pytest.raises(ValueError):
-        m.allocate(2)
-    m.release(a)  # tail first: block 1 is freed before block 0
-    assert list(m.free) == [5, 1, 0]
-    assert m.allocate(2) == [5, 1]
-    m.take([2])  # shared: two references
-    m.release(b)
-    assert m.ref[2] == 1 and 2 not in m.free
-    m.release([2])
-    assert m.ref[2] == 0 and list(m.free)[-1] == 2
+        m.allocate(1)
+    m.release([3, 4, 5])  # tail first: 5 is the least recently freed
+    m.release([0, 1])
+    assert list(m.free) == [5, 4, 3, 1, 0]
+    assert m.allocate(2, after=7) == [4, 5]  # nothing after 7: LRU, ascending
+    m.register(3, b"h3")  # a cached prefix is not taken while uncached runs fit...
+    assert m.allocate(1) == [0]
+    assert m.allocate(2) == [1, 3]  # ...else LRU, which forgets the hash
+    assert m.lookup([b"h3"]) == []
+
+
+def test_release_and_refcounts():
+    m = BlockManager(6, 4)
+    a = m.allocate(3)
+    m.take([a[0]])  # shared: two references
+    m.release(a)
+    assert m.ref[a[0]] == 1 and a[0] not in m.free and m.num_free == 5
+    m.release([a[0]])
+    assert m.ref[a[0]] == 0 and list(m.free)[-1] == a[0]
     with pytest.raises(AssertionError):
-        m.release([2])
+        m.release([a[0]])
 
 
 def test_prefix_hashes_chain_and_survive_until_reuse():

@@ -48,8 +48,9 @@ def test_decodes_first_then_chunked_prefill_under_the_budget():
     assert [(e.slot, e.start, len(e.tokens)) for e in entries[0]] == [(0, 5, 1), (1, 10, 4)]
     assert entries[0][1].sample is not None  # the prompt's last chunk samples
     assert outs[0].finished and outs[0].finish_reason == "length" and a.generated == 4
-    assert a_blocks == [0, 3] and b.table == [1, 2, 4, 5]  # blocks as each one grew
-    assert [h.s.pools[0].ref[i] for i in range(6)] == [0, 1, 1, 0, 1, 1]  # a's came back
+    assert a_blocks == [7, 8]  # admitted mid-pool, grew into the next block
+    assert b.table == [11, 12, 13, 14]  # the middle of the longest run, after a's
+    assert h.s.pools[0].ref[7:15] == [0, 0, 0, 0, 1, 1, 1, 1]  # a's blocks came back
 
 
 def test_admission_waits_for_blocks_and_preemption_frees_the_newest():
@@ -140,9 +141,9 @@ def test_reserve_admits_with_the_whole_length():
     b = h.add(make("1", range(20, 29), max_tokens=4))  # 12 positions: 3 blocks
     c = h.add(make("2", range(40, 43)))  # does not fit beside them
     h.step()
-    assert a.table == [0, 1] and b.table == [] and list(h.s.waiting[0]) == [b, c]
+    assert a.table == [1, 2] and b.table == [] and list(h.s.waiting[0]) == [b, c]
     h.step()
-    assert b.table == [2, 3, 4] and a.table == [0, 1]
+    assert b.table == [0, 3, 4] and a.table == [1, 2]  # no run of 3 left: LRU blocks
     while h.s.has_unfinished():
         h.step()
     assert h.s.num_preemptions == 0 and c.generated == 4

@@ -28,6 +28,7 @@ again, so a repeated system prompt is still found after its last user left.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -145,19 +146,45 @@ class BlockManager:
                 del self.free[b]
             self.ref[b] += 1
 
-    def allocate(self, n: int) -> list[int]:
-        """``n`` fresh blocks (least recently freed first; their old hash is forgotten)."""
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` fresh blocks, consecutive where it can (attention then takes views, not
+        copies): the blocks right after ``after`` (a sequence's last block) if they are
+        free and hold no cached prefix; for a new sequence the middle of the longest run
+        of such blocks, so that sequences admitted together have room to grow; else the
+        least recently freed blocks (their old hashes are forgotten), ascending."""
         if n > len(self.free):
             raise ValueError(f"{n} blocks wanted, {len(self.free)} free")
-        out = []
-        for _ in range(n):
-            b, _ = self.free.popitem(last=False)
+        run = self._run_after(after, n) if after is not None else self._spread(n)
+        if run is None:
+            run = sorted(itertools.islice(self.free, n))  # least recently freed first
+        for b in run:
+            del self.free[b]
             old = self.hash_of.pop(b, None)
             if old is not None:
                 del self.block_of[old]
             self.ref[b] = 1
-            out.append(b)
-        return out
+        return run
+
+    def _open(self, b: int) -> bool:
+        return 0 <= b < self.num_blocks and self.ref[b] == 0 and b not in self.hash_of
+
+    def _run_after(self, after: int, n: int) -> list[int] | None:
+        run = list(range(after + 1, after + 1 + n))
+        return run if all(self._open(b) for b in run) else None
+
+    def _spread(self, n: int) -> list[int] | None:
+        best_start, best_len, start = 0, 0, None
+        for b in range(self.num_blocks + 1):
+            if b < self.num_blocks and self._open(b):
+                start = b if start is None else start
+                continue
+            if start is not None and b - start > best_len:
+                best_start, best_len = start, b - start
+            start = None
+        if best_len < n:
+            return None
+        first = best_start + (best_len - n) // 2
+        return list(range(first, first + n))
 
     def release(self, table) -> None:
         """Drop a sequence's references; its tail blocks are the first to be reused."""

@@ -179,7 +179,7 @@ class Scheduler:
             if need > pool.free_after_taking(hits):
                 break
             pool.take(hits)
-            seq.table = hits + pool.allocate(need)
+            seq.table = hits + pool.allocate(need, hits[-1] if hits else None)
             seq.num_computed, seq.lane, seq.admitted = start, lane, self.admissions
             self.admissions += 1
             self.prefix_hit_tokens += start
@@ -195,7 +195,7 @@ class Scheduler:
         if need > pool.num_free:
             return False
         if need > 0:
-            seq.table += pool.allocate(need)
+            seq.table += pool.allocate(need, seq.table[-1] if seq.table else None)
         return True
 
     def _victim(self, d: int, chosen: set) -> Seq | None:
