@@ -21,6 +21,11 @@ Weights per rank (the stage's layers; the tp rank holding the most):
 
 KV cache per rank per token = layers_of_stage * 2 (k and v) * max(KV/t, 1) * d * b.
 
+KV handoff (prefill/decode disaggregation, kind ``kv_transfer``): every layer's keys and
+values of the P prompt tokens move once from the prefill group to each decode rank that
+holds them: 2 * L * KV * d * P * b per request (times max(1, t_decode/KV) when the decode
+TP replicates kv heads); ``parallel/reshard.py`` splits it over sender/receiver pairs.
+
 Communication (ring algorithms; every rank sends and receives the same amount):
   all-reduce of S bytes over n ranks: reduce-scatter + all-gather, each rank sends
   2(n-1)/n*S and receives as much, 4(n-1)/n*S in all (``allreduce_bytes_seed``).
@@ -201,6 +206,14 @@ def kv_cache_bytes_per_token(config, layout, dtype_bytes, stage: int | None = No
     s = 0 if stage is None else stage
     n_layers = len(stage_layers(config.num_layers, layout.pp)[s])
     return n_layers * 2 * kv_heads_per_rank(config, layout.tp) * config.head_dim * b
+
+
+def kv_transfer_bytes(layers: int, kv_heads: int, head_dim: int, prompt_tokens: int,
+                      itemsize) -> int:
+    """Bytes of keys and values of ``layers`` layers, ``kv_heads`` heads, ``prompt_tokens``
+    positions: 2 * layers * kv_heads * head_dim * prompt_tokens * itemsize (the handoff of
+    one request in total with L and KV, or of one sender/receiver piece)."""
+    return 2 * layers * kv_heads * head_dim * prompt_tokens * dtype_size(itemsize)
 
 
 # ---- communication: the seed's formulas ---------------------------------------------------

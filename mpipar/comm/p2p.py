@@ -15,6 +15,9 @@ Non-blocking: ``isend_array`` returns a handle whose ``wait()`` completes both m
 (keep the array unchanged until then). ``irecv_array`` posts the header receive at once
 and ``wait()`` then receives the payload (blocking) and returns the array; two pending
 ``irecv_array`` on the same (source, tag) must be waited in the order they were posted.
+``irecv_into`` (the receiver knows shape and dtype) posts both receives at once, so
+``test()`` can complete it while the receiver keeps computing; ``SendHandle.test()``
+likewise completes a send without blocking.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ class SendHandle:
         self.nbytes, self.kind, self.t = nbytes, kind, t
         self.done = False
 
+    def test(self) -> bool:
+        """Complete the send if MPI has finished it (never blocks); -> done."""
+        if not self.done and MPI.Request.Testall(self.reqs):
+            self.wait()
+        return self.done
+
     def wait(self) -> None:
         if self.done:
             return
@@ -94,6 +103,48 @@ class RecvHandle:
         ledger.record(self.kind + "_header", 0, 8 * HEADER_LEN, 0.0)
         ledger.record(self.kind, 0, out.nbytes, time.perf_counter() - self.t, self.t)
         return out
+
+
+class RecvIntoHandle:
+    """A pending ``irecv_into``: header and payload receives both posted; ``test()``
+    completes it without blocking, ``wait()`` blocks; both check the header."""
+
+    def __init__(self, group, out, source, tag, kind):
+        self.group, self.out, self.source, self.kind = group, out, source, kind
+        self.head = np.empty(HEADER_LEN, np.int64)
+        self.t = time.perf_counter()
+        self.spec, self.staged = buf_spec(group, out)
+        self.reqs = [group.comm.Irecv(self.head, source, tag),
+                     group.comm.Irecv(self.spec, source, tag)]
+        self.done = False
+
+    def _finish(self):
+        shape, dtype = _unpack(self.head)
+        if shape != tuple(self.out.shape) or dtype != np.dtype(self.out.dtype):
+            raise ValueError(f"expected {tuple(self.out.shape)} {self.out.dtype} from rank "
+                             f"{self.source}, got {shape} {dtype}")
+        recv_done(self.group, self.staged, self.out)
+        self.done, self.spec, self.staged = True, None, None
+        ledger = self.group.ledger
+        ledger.record(self.kind + "_header", 0, 8 * HEADER_LEN, 0.0)
+        ledger.record(self.kind, 0, self.out.nbytes, time.perf_counter() - self.t, self.t)
+
+    def test(self) -> bool:
+        if not self.done and MPI.Request.Testall(self.reqs):
+            self._finish()
+        return self.done
+
+    def wait(self):
+        if not self.done:
+            MPI.Request.Waitall(self.reqs)
+            self._finish()
+        return self.out
+
+
+def irecv_into(group, out, source: int, tag: int = 0, kind=None) -> RecvIntoHandle:
+    """Start receiving an ``isend_array`` whose shape and dtype the receiver knows into
+    ``out`` (C-contiguous); the handle's ``test()`` lets the receiver go on working."""
+    return RecvIntoHandle(group, out, source, tag, kind or group.kind("recv"))
 
 
 def isend_array(group, x, dest: int, tag: int = 0, kind=None) -> SendHandle:

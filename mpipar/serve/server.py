@@ -14,6 +14,9 @@ them to every rank): the workers wait for rank 0, which stops accepting requests
 the open ones, tells the workers to leave and exits 0 with them. An error on one rank
 aborts the whole job (mpipar.runner.main), so a dead rank never leaves the others hanging.
 vLLM's flag names are accepted as aliases, so a vLLM command line carries over.
+``--prefill tp=T1,pp=P1 --decode tp=T2,dp=D2`` serves disaggregated instead: the world
+splits into a decode group and a prefill group (serve/groups.py, serve/disagg.py)
+behind the same driver and HTTP side.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import sys
 import threading
 
 from ..runner import Parser, UsageError, bad_input_errors, build_together, connect, open_job
+from . import groups
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SHUTDOWN_JOIN_S = 4.0
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require Authorization: Bearer KEY (default $MPIPAR_API_KEY)")
     h.add_argument("--uvicorn-log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
+    groups.add_arguments(p)
     return p
 
 
@@ -106,6 +111,7 @@ def parse_args(argv):
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    groups.check_args(args)
     return args
 
 
@@ -170,12 +176,15 @@ def run(argv, world=None) -> int:
 
     try:
         args = parse_args(argv)
-        layout, source, device = open_job(args, world.Get_size())
-        args.eplb = check_eplb_arguments(args, source.config, layout)
+        disagg = bool(args.prefill)  # two groups (serve/groups.py) or one layout
+        layout, source, device = (groups.open_job if disagg else open_job)(args, world.Get_size())
+        if disagg and (args.redundant_experts or args.eplb_window):
+            raise UsageError("--redundant-experts / --eplb-window: not with --prefill/--decode")
+        args.eplb = None if disagg else check_eplb_arguments(args, source.config, layout)
     except bad_input_errors() as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
-    comms = connect(device, layout, world, Ledger(), say)
+    comms = (groups.connect if disagg else connect)(device, layout, world, Ledger(), say)
     web = None
     try:  # rank 0: the port, the tokenizer, the template; a failure ends every rank
         error = None
@@ -185,7 +194,8 @@ def run(argv, world=None) -> int:
             except (*bad_input_errors(), ImportError) as e:
                 error = e
         agree(comms.world, error)
-        engine = build_together(comms, lambda: _engine(comms, source, args))
+        engine = build_together(comms, lambda: groups.build_engine(comms, layout, source, args)
+                                if disagg else _engine(comms, source, args))
     except RemoteError as e:
         say(f"error: {e}", file=sys.stderr)
         if web is not None:
@@ -240,6 +250,8 @@ class _Web:
         args = self.args
         host, port = self.sock.getsockname()[:2]
         self.driver.engine = engine
+        if hasattr(engine, "on_timing"):  # disaggregated: per-request phases in /metrics
+            engine.on_timing = groups.phase_metrics(self.metrics, engine)
         limit = getattr(engine, "max_model_len", None)
         if limit:
             self.model.max_model_len = limit

@@ -1,0 +1,79 @@
+"""KV re-shard rule of the prefill -> decode handoff: who sends whom which layers and heads.
+
+A prefill group (layout tp=T1, pp=P1, world ranks ``prefill_base + r``) holds a prompt's
+keys and values split by layer over its stages and by kv head over its TP ranks
+(shard.py). A decode replica d of the decode group (layout tp=T2, dp=D2, pp=1, world
+ranks ``decode_base + r``) holds every layer and, on TP rank t2, the kv heads of its
+slice. The rule, for every decode rank t2 of replica d, every prefill stage s and every
+kv head h that t2 holds:
+
+    the sender is the prefill rank of stage s that holds h; when T1 > Hkv, h lives on
+    T1/Hkv TP ranks and only the first of them (tp = h * T1/Hkv) sends: a replicated
+    head moves once, not once per replica.
+
+Consecutive heads from one sender to one receiver form one ``Piece`` (one message): the
+layers of stage s, heads [h0, h1). A decode rank that replicates a head (T2 > Hkv) gets
+its own copy, so the bytes of one request of P prompt tokens are, over all pieces,
+
+    2 * L * Hkv * D * P * b * dup2        dup2 = max(1, T2/Hkv) (costmodel.kv_transfer_bytes)
+
+and a piece moves ``kv_transfer_bytes(layers=len(stage), kv_heads=h1-h0, ...)``.
+A pure module: no MPI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..costmodel import kv_transfer_bytes
+from ..layout import Layout
+from .shard import make_plan, split, stage_layers
+
+
+@dataclass(frozen=True)
+class Piece:
+    src: int  # world rank of the prefill sender
+    dst: int  # world rank of the decode receiver
+    layers: range  # global layer indices (one prefill stage)
+    heads: range  # global kv heads
+
+    def nbytes(self, config, prompt_tokens: int, itemsize: int) -> int:
+        return kv_transfer_bytes(len(self.layers), len(self.heads), config.head_dim,
+                                 prompt_tokens, itemsize)
+
+
+def holder_tp(config, tp: int, head: int) -> int:
+    """The first TP rank of a tp-way split that holds kv ``head`` (shard.make_plan's rule)."""
+    kv = config.num_kv_heads
+    if tp > kv:
+        return head * (tp // kv)
+    return next(t for t in range(tp) if head in split(kv, tp, t))
+
+
+def kv_pieces(config, prefill, decode, replica: int, prefill_base: int,
+              decode_base: int) -> list[Piece]:
+    """Every Piece of one request handed from the prefill group to decode ``replica``."""
+    pieces = []
+    for t2 in range(decode.tp):
+        dst = decode_base + decode.rank_of(tp=t2, dp=replica)
+        mine = make_plan(config, Layout(tp=decode.tp), t2).kv_heads
+        for s, layers in enumerate(stage_layers(config.num_layers, prefill.pp)):
+            runs: list[list] = []  # [src, first head, last head]
+            for h in mine:
+                src = prefill_base + prefill.rank_of(tp=holder_tp(config, prefill.tp, h), pp=s)
+                if runs and runs[-1][0] == src and runs[-1][2] == h - 1:
+                    runs[-1][2] = h
+                else:
+                    runs.append([src, h, h])
+            pieces += [Piece(src, dst, layers, range(a, b + 1)) for src, a, b in runs]
+    return pieces
+
+
+def piece_bytes_by_rank(pieces, config, prompt_tokens: int, itemsize: int) -> dict:
+    """{world rank: [sent, received]} of one request's pieces."""
+    out: dict[int, list[int]] = {}
+    for p in pieces:
+        n = p.nbytes(config, prompt_tokens, itemsize)
+        out.setdefault(p.src, [0, 0])[0] += n
+        out.setdefault(p.dst, [0, 0])[1] += n
+    return out
