@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     h.add_argument("--api-key", default=os.environ.get("MPIPAR_API_KEY"),
                    help="require Authorization: Bearer KEY (default $MPIPAR_API_KEY)")
+    h.add_argument("--trace", metavar="FILE.json",
+                   help="at shutdown, a Chrome trace of every rank (forwards, collectives, "
+                        "KV handoffs; every span is kept, so for short runs)")
     h.add_argument("--uvicorn-log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
     groups.add_arguments(p)
@@ -105,6 +108,8 @@ def parse_args(argv):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
+        raise UsageError(f"--trace {args.trace}: its folder does not exist")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
@@ -184,7 +189,8 @@ def run(argv, world=None) -> int:
     except bad_input_errors() as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
-    comms = (groups.connect if disagg else connect)(device, layout, world, Ledger(), say)
+    ledger = Ledger(trace=bool(args.trace))
+    comms = (groups.connect if disagg else connect)(device, layout, world, ledger, say)
     web = None
     try:  # rank 0: the port, the tokenizer, the template; a failure ends every rank
         error = None
@@ -203,8 +209,17 @@ def run(argv, world=None) -> int:
         return 2
     if rank != 0:
         engine.run_worker()
-        return 0
-    return web.serve(engine, stop, layout, source, world.Get_size())
+        code = 0
+    else:  # returns after telling the workers to leave run_worker()
+        code = web.serve(engine, stop, layout, source, world.Get_size())
+    if args.trace:  # collective: every rank is past its loop
+        from types import SimpleNamespace
+
+        from ..trace import write_trace
+        write_trace(args.trace, SimpleNamespace(world=comms.world, coords=comms.group.coords)
+                    if disagg else comms, ledger)
+        say(f"mpipar serve: trace of every rank in {args.trace}")
+    return code
 
 
 def _engine(comms, source, args):
