@@ -167,18 +167,25 @@ def open_job(args, world_size: int):
     return layout, source, select_device(args.device)
 
 
+def bind_device(device: str, world, ledger, say):
+    """Collective: -> (xp, transport): numpy and None on the CPU; on "gpu" this rank's
+    GPU (cupy) and how its arrays reach MPI (CUDA-aware or staged, said once)."""
+    if device != "gpu":
+        return np, None
+    from .backend import Transport, bind_gpu, cuda_aware
+    xp, _, node_ranks, gpus = bind_gpu(world)
+    transport = Transport(xp, cuda_aware(), ledger)
+    if node_ranks > gpus:
+        say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
+    if not transport.aware:
+        say("note: MPI is not CUDA-aware here; staging through pinned host buffers")
+    return xp, transport
+
+
 def connect(device: str, layout, world, ledger, say):
-    """Collective: bind this rank's GPU (device "gpu") and split the layout's Comms."""
+    """Collective: bind this rank's device and split the layout's Comms."""
     from .layout import make_comms
-    xp, transport = np, None
-    if device == "gpu":
-        from .backend import Transport, bind_gpu, cuda_aware
-        xp, gpu, node_ranks, gpus = bind_gpu(world)
-        transport = Transport(xp, cuda_aware(), ledger)
-        if node_ranks > gpus:
-            say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
-        if not transport.aware:
-            say("note: MPI is not CUDA-aware here; staging through pinned host buffers")
+    xp, transport = bind_device(device, world, ledger, say)
     return make_comms(layout, world, ledger, xp, transport)
 
 

@@ -35,7 +35,7 @@ not a latency claim.
 
 Quiet rounds and machine facts: mpipar/benchkit.py.
 
-BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
 """
 
 from __future__ import annotations

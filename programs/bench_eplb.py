@@ -27,7 +27,7 @@ their outputs must agree (1e-4). At ep = 2 (one core per rank) the MoE layer tim
 interleaved in quiet rounds (mpipar/benchkit.py); ep = 4 on 2 cores is oversubscribed,
 so only its loads and bytes are reported.
 
-BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ the ring and the routing the run saw); measured == exact is checked on every ran
 Where the ratio to the seed is not 1.00, the output says why (chunk rounding, the
 small-message path, kinds the seed does not count, routing).
 
-BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
 Times are not measured here (4 ranks on 2 cores are oversubscribed; bytes are exact).
 """
 

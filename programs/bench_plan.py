@@ -24,7 +24,7 @@ model once, warms up, and runs quiet rounds (benchkit.quiet_rounds) of every met
 TTFT: generate() with one new token; TPOT: decode time / (new tokens - 1), predicted at
 the mean context (prompt + new/2).
 
-BLAS: ``import mpipar`` pins OpenBLAS to one thread per rank before NumPy loads.
+BLAS: ``mpipar.pin_threads()`` pins OpenBLAS to one thread per rank before NumPy loads.
 """
 
 from __future__ import annotations

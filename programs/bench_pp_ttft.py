@@ -26,7 +26,7 @@ its own core.
 
 Quiet rounds and machine facts: mpipar/benchkit.py.
 
-BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ Medians after a warm-up over ``--repeats`` quiet rounds: a round counts when oth
 processes kept fewer than 0.2 cores busy meanwhile (``LoadProbe``: /proc/stat busy time
 minus this process's CPU time); up to 4x as many rounds are tried.
 
-BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread before NumPy loads.
+BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread before NumPy loads.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ vocab-parallel head, Python bookkeeping). Runs with more ranks than cores are ma
 
 Quiet rounds and machine facts: mpipar/benchkit.py.
 
-BLAS: ``import mpipar`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
 """
 
 from __future__ import annotations

@@ -164,16 +164,9 @@ class DisaggComms:
 
 def connect(device: str, layout: DisaggLayout, world, ledger, say) -> DisaggComms:
     """runner.connect for two groups (collective over ``world``)."""
-    import numpy as np
-
     from ..comm.group import Group
-    xp, transport = np, None
-    if device == "gpu":
-        from ..backend import Transport, bind_gpu, cuda_aware
-        xp, _, node_ranks, gpus = bind_gpu(world)
-        transport = Transport(xp, cuda_aware(), ledger)
-        if node_ranks > gpus:
-            say(f"note: {node_ranks} ranks share {gpus} GPU(s) on a node (round-robin)")
+    from ..runner import bind_device
+    xp, transport = bind_device(device, world, ledger, say)
     group = connect_group(layout, world, ledger, xp, transport)
     return DisaggComms(Group(world, "world", ledger, xp, transport), group)
 
