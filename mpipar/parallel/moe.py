@@ -210,7 +210,9 @@ class MoE:
         first = self.comms.coords.ep * self.slots_per_rank
         self.slots = [weights_of(p, int(self.slot_expert[p]))
                       for p in range(first, first + self.slots_per_rank)]
-        self.copy_start, self.copy_slots = copies_of(self.slot_expert, self.config.num_experts)
+        # on the device once per placement, not once per layer and step (pick_copies)
+        self.copy_start, self.copy_slots = (self.xp.asarray(a) for a in
+                                            copies_of(self.slot_expert, self.config.num_experts))
         self.window_load = self.xp.zeros(self.config.num_experts, dtype=np.int64)  # [X]
 
     def local_experts(self) -> list[int]:
