@@ -241,7 +241,7 @@ def run(argv, world=None) -> int:
             print(f"rank {r} host {h}")
 
     from .backend import compute_dtype
-    from .parallel.engine import ParallelModel
+    from .parallel.rank_model import ParallelModel
     dtype = compute_dtype(args.dtype, xp, config.dtype)
     say(f"dtype {dtype.name} (weights, activations, KV cache; --dtype {args.dtype})")
     try:

@@ -162,7 +162,7 @@ def worker(cfg: dict):
 
     from mpipar import backend
     from mpipar.layout import Layout, make_comms
-    from mpipar.parallel.engine import ParallelModel
+    from mpipar.parallel.rank_model import ParallelModel
     world = MPI.COMM_WORLD
     n, transport, xp = world.Get_size(), None, np
     if cfg["device"] == "gpu":

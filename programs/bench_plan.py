@@ -92,7 +92,7 @@ def worker(cfg: dict) -> dict | None:
 
     from mpipar.layout import Layout, make_comms
     from mpipar.model.init import open_model
-    from mpipar.parallel.engine import ParallelModel
+    from mpipar.parallel.rank_model import ParallelModel
     comms = make_comms(Layout(*cfg["layout"]), world)
     config = model_config(cfg["model"])
     model = ParallelModel(comms, open_model(preset=config))

@@ -58,7 +58,7 @@ def worker(cfg: dict) -> dict | None:
 
     from mpipar.layout import Layout, make_comms
     from mpipar.model.init import open_model
-    from mpipar.parallel.engine import ParallelModel
+    from mpipar.parallel.rank_model import ParallelModel
 
     world = MPI.COMM_WORLD
     pp = world.size

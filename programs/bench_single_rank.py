@@ -106,7 +106,7 @@ def mpipar_runner(source, prompt, decode: int):
     from mpi4py import MPI
 
     from mpipar.layout import Layout, make_comms
-    from mpipar.parallel.engine import ParallelModel
+    from mpipar.parallel.rank_model import ParallelModel
     model = ParallelModel(make_comms(Layout(), MPI.COMM_SELF), source)
     model.generate([prompt], 1 + decode)  # warm-up
     return lambda: {"ttft_s": model.generate([prompt], 1).ttft_s,

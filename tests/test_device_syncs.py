@@ -19,10 +19,10 @@ from mpi4py import MPI
 from mpipar import backend
 from mpipar.layout import Layout, make_comms
 from mpipar.model.checkpoint import CheckpointReader
-from mpipar.parallel.engine import ParallelModel
+from mpipar.parallel.rank_model import ParallelModel
 
 MODULES = ("mpipar.model.layers", "mpipar.parallel.moe", "mpipar.parallel.tp",
-           "mpipar.parallel.engine")
+           "mpipar.parallel.rank_model")
 
 
 @pytest.mark.rank0

@@ -39,8 +39,8 @@ from mpipar.model import layers as L
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.layers import pack
 from mpipar.model.reference import ReferenceModel, generate
-from mpipar.parallel.engine import ParallelModel
 from mpipar.parallel.predict import predict_rank
+from mpipar.parallel.rank_model import ParallelModel
 from mpipar.parallel.shard import check_layout
 from mpipar.runner import allowed_outlier_rows, compare, logit_tolerance
 

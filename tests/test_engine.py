@@ -18,8 +18,8 @@ from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.init import RandomWeights
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
-from mpipar.parallel.engine import ParallelModel
 from mpipar.parallel.predict import predict_rank
+from mpipar.parallel.rank_model import ParallelModel
 from mpipar.parallel.shard import check_layout
 
 TOL = 1e-4

@@ -13,8 +13,8 @@ from mpipar.layout import Layout, make_comms
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.config import ModelConfig
 from mpipar.parallel import eplb
-from mpipar.parallel.engine import ParallelModel
 from mpipar.parallel.moe import pack_rows, pick_copies, route_rows, unpack_rows
+from mpipar.parallel.rank_model import ParallelModel
 from tests.test_engine import check_generation, check_ledger, layouts, load_refs, on_rank0
 
 

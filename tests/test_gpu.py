@@ -74,7 +74,7 @@ def test_ring_allreduce_cupy_buffers(world, dtype):
 def test_engine_on_gpu_matches_fixture(world, fixtures_dir):
     from mpipar.layout import Layout, make_comms
     from mpipar.model.checkpoint import CheckpointReader
-    from mpipar.parallel.engine import ParallelModel
+    from mpipar.parallel.rank_model import ParallelModel
     folder = os.path.join(fixtures_dir, "qwen3-moe-tiny")
     ref = json.load(open(os.path.join(folder, "ref.json")))
     n = world.Get_size()

@@ -22,7 +22,8 @@ from __future__ import annotations
 import pickle
 import time
 
-TAG_PLAN = 31
+from .tags import STEP
+
 SLEEP_FIRST_S, SLEEP_MAX_S, SLEEP_GROWTH, SLEEP_SHARE = 1e-5, 0.02, 1.3, 0.05
 
 
@@ -64,7 +65,7 @@ class Outbox:
         group.ledger.record(kind, len(data), 0, time.perf_counter() - t, t)
         self._pending = [(r, d) for r, d in self._pending if not r.Test()]
 
-    def broadcast(self, group, obj, root: int, tag: int = TAG_PLAN,
+    def broadcast(self, group, obj, root: int, tag: int = STEP,
                   kind: str = "control") -> None:
         """``obj`` to every other rank of ``group`` (each takes it with ``wait_object``)."""
         for r in range(group.size):
@@ -90,7 +91,7 @@ def poll_object(group, source: int, tag: int, kind: str):
     return True, pickle.loads(data)
 
 
-def wait_object(group, source: int, tag: int = TAG_PLAN, kind: str = "control"):
+def wait_object(group, source: int, tag: int = STEP, kind: str = "control"):
     """Receive one object from ``source``, sleeping between probes (never spinning)."""
     delay, t0 = SLEEP_FIRST_S, time.monotonic()
     while True:

@@ -27,6 +27,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from .tags import P2P_DEFAULT
 from .wire import BFLOAT16, buf_spec, recv_done
 
 MAX_NDIM = 8
@@ -141,13 +142,13 @@ class RecvIntoHandle:
         return self.out
 
 
-def irecv_into(group, out, source: int, tag: int = 0, kind=None) -> RecvIntoHandle:
+def irecv_into(group, out, source: int, tag: int = P2P_DEFAULT, kind=None) -> RecvIntoHandle:
     """Start receiving an ``isend_array`` whose shape and dtype the receiver knows into
     ``out`` (C-contiguous); the handle's ``test()`` lets the receiver go on working."""
     return RecvIntoHandle(group, out, source, tag, kind or group.kind("recv"))
 
 
-def isend_array(group, x, dest: int, tag: int = 0, kind=None) -> SendHandle:
+def isend_array(group, x, dest: int, tag: int = P2P_DEFAULT, kind=None) -> SendHandle:
     """Start sending array x (any shape, supported dtype) to ``dest``; returns a handle."""
     t = time.perf_counter()
     if not x.flags.c_contiguous:
@@ -159,16 +160,17 @@ def isend_array(group, x, dest: int, tag: int = 0, kind=None) -> SendHandle:
                       kind or group.kind("send"), t)
 
 
-def send_array(group, x, dest: int, tag: int = 0, kind=None) -> None:
+def send_array(group, x, dest: int, tag: int = P2P_DEFAULT, kind=None) -> None:
     """Send array x to ``dest`` (blocking until the buffers may be reused)."""
     isend_array(group, x, dest, tag, kind).wait()
 
 
-def irecv_array(group, source: int = MPI.ANY_SOURCE, tag: int = 0, kind=None) -> RecvHandle:
+def irecv_array(group, source: int = MPI.ANY_SOURCE, tag: int = P2P_DEFAULT,
+                kind=None) -> RecvHandle:
     """Start receiving an array of unknown shape/dtype; ``handle.wait()`` returns it."""
     return RecvHandle(group, source, tag, kind or group.kind("recv"))
 
 
-def recv_array(group, source: int = MPI.ANY_SOURCE, tag: int = 0, kind=None):
+def recv_array(group, source: int = MPI.ANY_SOURCE, tag: int = P2P_DEFAULT, kind=None):
     """Receive an array of unknown shape and dtype from ``source``."""
     return irecv_array(group, source, tag, kind).wait()

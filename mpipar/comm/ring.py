@@ -65,11 +65,11 @@ from __future__ import annotations
 import time
 
 from .chunks import chunk_bounds  # noqa: F401  (part of this module's API)
+from .tags import RECURSIVE_DOUBLING, RING
 from .wire import acc_dtype, buf_spec, recv_done
 
 RECURSIVE_DOUBLING_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this size
 SEGMENT_BYTES = 8 << 20        # ring pipeline piece (longer chunks go in pieces)
-TAG = 0x5A11                   # rings: TAG; recursive doubling: TAG+1..TAG+3 (p2p: 0)
 
 
 def _bounds_from_counts(counts) -> list[tuple[int, int]]:
@@ -139,12 +139,12 @@ class _Pipe:
         self.group, self.sends, self.recvs = group, [], []
         self.sent = self.recv = 0                  # elements
 
-    def isend(self, arr, dest, tag=TAG) -> None:
+    def isend(self, arr, dest, tag=RING) -> None:
         spec, staged = buf_spec(self.group, arr)
         self.sends.append((self.group.comm.Isend(spec, dest, tag), staged))
         self.sent += arr.size
 
-    def irecv(self, arr, source, tag=TAG) -> None:
+    def irecv(self, arr, source, tag=RING) -> None:
         spec, staged = buf_spec(self.group, arr)
         self.recvs.append((self.group.comm.Irecv(spec, source, tag), staged, arr))
         self.recv += arr.size
@@ -277,7 +277,7 @@ def ring_allgather(group, chunk, counts=None, kind=None):
     return out
 
 
-def _exchange(group, send, dest, recv, source, tag=TAG) -> None:
+def _exchange(group, send, dest, recv, source, tag=RING) -> None:
     """One blocking Sendrecv: ``send`` to dest while ``recv`` arrives from source."""
     sspec, _ = buf_spec(group, send)
     rspec, staged = buf_spec(group, recv)
@@ -327,11 +327,11 @@ def _recursive_doubling(group, src, out) -> tuple[int, int]:
     if r < 2 * rem:                               # pair up to reach a power of two
         if r % 2 == 0:
             spec, _ = buf_spec(group, src)
-            group.comm.Send(spec, r + 1, TAG + 1)
+            group.comm.Send(spec, r + 1, RECURSIVE_DOUBLING[0])
             sent += src.size
         else:
             spec, staged = buf_spec(group, tmp)
-            group.comm.Recv(spec, r - 1, TAG + 1)
+            group.comm.Recv(spec, r - 1, RECURSIVE_DOUBLING[0])
             recv_done(group, staged, tmp)
             recv += tmp.size
             cur = _add(xp, tmp, src, out)
@@ -339,19 +339,19 @@ def _recursive_doubling(group, src, out) -> tuple[int, int]:
     while newrank >= 0 and mask < p:
         peer_new = newrank ^ mask
         peer = peer_new * 2 + 1 if peer_new < rem else peer_new + rem
-        _exchange(group, cur, peer, tmp, peer, TAG + 2)
+        _exchange(group, cur, peer, tmp, peer, RECURSIVE_DOUBLING[1])
         sent, recv = sent + cur.size, recv + tmp.size
         cur = _add(xp, cur, tmp, out)
         mask <<= 1
     if r < 2 * rem:                               # give the sat-out ranks the result
         if r % 2 == 0:
             spec, staged = buf_spec(group, out)
-            group.comm.Recv(spec, r + 1, TAG + 3)
+            group.comm.Recv(spec, r + 1, RECURSIVE_DOUBLING[2])
             recv_done(group, staged, out)
             recv += out.size
         else:
             spec, _ = buf_spec(group, out)
-            group.comm.Send(spec, r - 1, TAG + 3)
+            group.comm.Send(spec, r - 1, RECURSIVE_DOUBLING[2])
             sent += out.size
     return sent, recv
 

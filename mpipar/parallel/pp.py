@@ -32,8 +32,7 @@ from __future__ import annotations
 from collections import deque
 
 from ..comm.p2p import isend_array, recv_array
-
-TAG_ACTIVATION = 11
+from ..comm.tags import ACTIVATION
 
 
 class Pipeline:
@@ -48,11 +47,11 @@ class Pipeline:
         self._pending = []
 
     def recv_activation(self):
-        return recv_array(self.group, self.stage - 1, TAG_ACTIVATION, kind="pp_recv")
+        return recv_array(self.group, self.stage - 1, ACTIVATION, kind="pp_recv")
 
     def send_activation(self, x):
         """Non-blocking: the next micro-batch can start while this one travels."""
-        self._pending.append(isend_array(self.group, x, self.stage + 1, TAG_ACTIVATION,
+        self._pending.append(isend_array(self.group, x, self.stage + 1, ACTIVATION,
                                          kind="pp_send"))
 
     def wait_sends(self):

@@ -34,9 +34,10 @@ import time
 
 import numpy as np
 
-from ..comm.control import TAG_PLAN, Outbox, gather_object, poll_object, wait_object
+from ..comm.control import Outbox, gather_object, poll_object, wait_object
+from ..comm.tags import RESULT, STEP
 from ..parallel.pp import InFlight
-from .engine import TAG_RESULT, EngineOptions, ServeEngine, _Step, eos_token_ids
+from .engine import EngineOptions, ServeEngine, _Step, eos_token_ids
 from .handoff import HandoffQueue, KVReceiver, KVSender
 from .kvpool import KVPool, blocks_for
 from .request import FINISH_ABORT
@@ -69,7 +70,7 @@ class DisaggEngine:
 
     def __init__(self, comms, layout, source, options: EngineOptions,
                  decode_kv_cache_tokens: int | None = None, dtype="float32"):
-        from ..parallel.engine import ParallelModel
+        from ..parallel.rank_model import ParallelModel
         self.comms, self.link = comms.group, comms.world
         link, self.layout, self.options = comms.world, layout, options
         o, self.rank = options, link.rank
@@ -203,9 +204,9 @@ class DisaggEngine:
         while len(self.window):
             step = self.window.oldest()
             if block:
-                ok, obj = True, wait_object(self.link, self.prefill_reporter, TAG_RESULT, "result")
+                ok, obj = True, wait_object(self.link, self.prefill_reporter, RESULT, "result")
             else:
-                ok, obj = poll_object(self.link, self.prefill_reporter, TAG_RESULT, "result")
+                ok, obj = poll_object(self.link, self.prefill_reporter, RESULT, "result")
             if not ok:
                 break
             self.window.pop()
@@ -231,7 +232,7 @@ class DisaggEngine:
         results = {0: local} if local is not None else {}
         for d, rep in enumerate(entries):
             if rep and d not in results:
-                results[d] = wait_object(self.link, self.decode_reporters[d], TAG_RESULT,
+                results[d] = wait_object(self.link, self.decode_reporters[d], RESULT,
                                          "result")
         tokens = [results[d]["tokens"] if rep else [] for d, rep in enumerate(entries)]
         outs = self.decode_sched.update(self.slots, entries, tokens)
@@ -255,7 +256,7 @@ class DisaggEngine:
 
     def _post(self, plan, ranks) -> None:
         for r in ranks:
-            self.outbox.post(self.link, plan, r, TAG_PLAN, "control")
+            self.outbox.post(self.link, plan, r, STEP, "control")
 
     # ---- every rank: plans -------------------------------------------------------------
     def _run(self, plan):
@@ -268,7 +269,7 @@ class DisaggEngine:
         result = {"tokens": out[0]}
         if self.rank == 0:
             return result
-        self.outbox.post(self.link, result, 0, TAG_RESULT, "result")
+        self.outbox.post(self.link, result, 0, RESULT, "result")
         return None
 
     def run_worker(self) -> None:
@@ -276,7 +277,7 @@ class DisaggEngine:
         delay = 1e-5
         while True:
             self.kv.progress()
-            ok, plan = poll_object(self.link, 0, TAG_PLAN, "control")
+            ok, plan = poll_object(self.link, 0, STEP, "control")
             if not ok:
                 time.sleep(delay)
                 delay = min(delay * 1.3, 0.02 if not self.kv.pending else 2e-4)

@@ -32,12 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..comm.control import Outbox, poll_object, wait_object
+from ..comm.tags import RESULT
 from ..parallel.pp import InFlight
 from .kvpool import KVPool, blocks_for
 from .request import Request, RequestError, check_request
 from .scheduler import Scheduler, Seq
-
-TAG_RESULT = 32
 
 
 @dataclass
@@ -77,7 +76,7 @@ class ServeEngine:
     """Built collectively on every rank (see SERVE_INTERFACE.md for who calls what)."""
 
     def __init__(self, comms, source, options: EngineOptions, model=None):
-        from ..parallel.engine import ParallelModel
+        from ..parallel.rank_model import ParallelModel
         self.comms, self.options = comms, options
         o = options
         self.model = model if model is not None else ParallelModel(comms, source, comms.xp)
@@ -192,10 +191,10 @@ class ServeEngine:
             step = self.window.oldest()
             for d in sorted(step.waiting_on):
                 if block:
-                    ok, obj = True, wait_object(self.world, self.reporters[d], TAG_RESULT,
+                    ok, obj = True, wait_object(self.world, self.reporters[d], RESULT,
                                                 "result")
                 else:
-                    ok, obj = poll_object(self.world, self.reporters[d], TAG_RESULT, "result")
+                    ok, obj = poll_object(self.world, self.reporters[d], RESULT, "result")
                 if ok:
                     step.results[d] = obj
                     step.waiting_on.discard(d)
@@ -232,7 +231,7 @@ class ServeEngine:
         result = {"tokens": out[0], "logits": out[1]}
         if self.rank == 0:
             return result
-        self.outbox.post(self.world, result, 0, TAG_RESULT, "result")
+        self.outbox.post(self.world, result, 0, RESULT, "result")
         return None
 
     def run_worker(self) -> None:

@@ -21,7 +21,7 @@ prompt's prefill while it travels, and completes the send (``progress``) between
 steps. A receiver posts both receives at once (comm/p2p.irecv_into) and tests them
 between its decode steps; when all pieces of a transfer are in, it scatters them into
 its pool at the decode block table (positions 0..P-1) and tells world rank 0
-(TAG_KV_ACK), which only then frees the prefill blocks and schedules the request's
+(KV_ACK), which only then frees the prefill blocks and schedules the request's
 decode. Both sides take plans in the order rank 0 sent them, so the messages of one
 (sender, receiver) pair match in order on one tag.
 """
@@ -32,13 +32,12 @@ import time
 
 import numpy as np
 
-from ..comm.control import TAG_PLAN, Outbox, poll_object
+from ..comm.control import Outbox, poll_object
 from ..comm.p2p import irecv_into, isend_array
+from ..comm.tags import KV_ACK, KV_PIECE, STEP
 from ..parallel.reshard import kv_pieces, piece_bytes_by_rank
 from .request import FINISH_ABORT, RequestOutput
 
-TAG_KV = 33
-TAG_KV_ACK = 34
 KIND = "kv_transfer"
 
 
@@ -65,7 +64,7 @@ class KVSender:
             heads = slice(h0 - h_base, h1 - h_base)
             piece = xp.stack([xp.stack([side[i][blocks, offsets, heads] for i in layers])
                               for side in (pool.k, pool.v)])  # [2, layers, P, heads, D]
-            self.pending.append(isend_array(self.link, piece, dst, TAG_KV, kind=KIND))
+            self.pending.append(isend_array(self.link, piece, dst, KV_PIECE, kind=KIND))
         self.progress()
 
     def progress(self) -> None:
@@ -90,7 +89,7 @@ class KVReceiver:
         handles = []
         for src, l0, l1, h0, h1 in msg["pieces"]:
             out = xp.empty((2, l1 - l0, msg["length"], h1 - h0, d), dtype=self.dtype)
-            handles.append((irecv_into(self.link, out, src, TAG_KV, kind=KIND),
+            handles.append((irecv_into(self.link, out, src, KV_PIECE, kind=KIND),
                             (l0, l1, h0, h1)))
         self.pending.append((msg, handles))
 
@@ -106,7 +105,7 @@ class KVReceiver:
                 still.append((msg, handles))
         self.pending = still
         if done and self.link.rank != 0:
-            self.outbox.post(self.link, done, 0, TAG_KV_ACK, "control")
+            self.outbox.post(self.link, done, 0, KV_ACK, "control")
         return done
 
     def _store(self, msg, handles) -> None:
@@ -197,7 +196,7 @@ class HandoffQueue:
         for src in sorted({p.src for p in pieces}):
             mine = [(p.dst, *_bounds(p)) for p in pieces if p.src == src]
             self.outbox.post(self.link, dict(base, op="kv_send", table=list(seq.table),
-                                             pieces=mine), src, TAG_PLAN, "control")
+                                             pieces=mine), src, STEP, "control")
         receivers = sorted({p.dst for p in pieces})
         for dst in receivers:
             msg = dict(base, op="kv_recv", table=table,
@@ -205,7 +204,7 @@ class HandoffQueue:
             if dst == 0:
                 self.receiver.post(msg)
             else:
-                self.outbox.post(self.link, msg, dst, TAG_PLAN, "control")
+                self.outbox.post(self.link, msg, dst, STEP, "control")
         for r, (sent, recv) in piece_bytes_by_rank(pieces, self.config, seq.prompt_len,
                                                     self.itemsize).items():
             acc = self.kv_bytes.setdefault(r, [0, 0])
@@ -221,7 +220,7 @@ class HandoffQueue:
         acks = [(0, x) for x in self.receiver.progress()]
         for r in range(1, self.layout.decode.world):
             while True:
-                ok, ids = poll_object(self.link, r, TAG_KV_ACK, "control")
+                ok, ids = poll_object(self.link, r, KV_ACK, "control")
                 if not ok:
                     break
                 acks += [(r, x) for x in ids]

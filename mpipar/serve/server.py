@@ -223,7 +223,7 @@ def run(argv, world=None) -> int:
 
 
 def _engine(comms, source, args):
-    from ..parallel.engine import ParallelModel
+    from ..parallel.rank_model import ParallelModel
     from .engine import ServeEngine
     model = ParallelModel(comms, source, comms.xp, args.dtype, args.eplb)
     return ServeEngine(comms, source, engine_options(args), model=model)
