@@ -9,6 +9,9 @@ Modules, one concept each:
   costmodel     the seed's communication formulas
   plan          deployment planner (python -m mpipar.plan)
 
+``mpipar.generate(model, prompts, max_new_tokens)`` (``serve/offline.py``) generates for a
+batch of prompts on a ParallelModel, collectively on every rank.
+
 Importing mpipar changes nothing in the process. Programs call ``mpipar.pin_threads()``
 before numpy and mpi4py load (one BLAS thread per rank, MPICH's waits); a library user
 who wants its own settings does not call it.
@@ -18,6 +21,13 @@ import os as _os
 import sys as _sys
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "generate":  # loaded on first use: ``import mpipar`` loads no numpy
+        from .serve.offline import generate
+        return generate
+    raise AttributeError(f"module 'mpipar' has no attribute {name!r}")
 
 
 def _ranks_on_this_node() -> int:

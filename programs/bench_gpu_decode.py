@@ -163,6 +163,7 @@ def worker(cfg: dict):
     from mpipar import backend
     from mpipar.layout import Layout, make_comms
     from mpipar.parallel.rank_model import ParallelModel
+    from mpipar.serve import offline
     world = MPI.COMM_WORLD
     n, transport, xp = world.Get_size(), None, np
     if cfg["device"] == "gpu":
@@ -183,8 +184,8 @@ def worker(cfg: dict):
     for batch in cfg["batches"]:
         prompts = [[(97 * s + 31 * i + 7) % config.vocab_size for i in range(PROMPT_LEN)]
                    for s in range(batch)]
-        model.generate(prompts, 3)  # warm-up: kernels compiled, memory pools filled
-        gen = model.generate(prompts, cfg["new_tokens"])
+        offline.generate(model, prompts, 3)  # warm-up: kernels compiled, memory pools filled
+        gen = offline.generate(model, prompts, cfg["new_tokens"])
         step_bytes = world.allreduce(step_weight_bytes(model, batch))
         if world.rank == 0:
             tpot = gen.tpot_s

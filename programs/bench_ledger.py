@@ -91,10 +91,11 @@ def one_run(model, prompts, new_tokens):
     """generate() with a fresh ledger and workload record -> (sent by kind, predicted)."""
     from mpipar.parallel.moe import RoutingStats
     from mpipar.parallel.predict import predict_rank
+    from mpipar.serve import offline
     model.comms.ledger.reset()
     model.forward_tokens = []
     model.stats = RoutingStats(model.config.num_experts)
-    model.generate(prompts, new_tokens)
+    offline.generate(model, prompts, new_tokens)
     rep = model.report()  # collective
     sent = {k: v["sent_bytes"] for k, v in model.comms.ledger.totals().items()}
     pred = None

@@ -93,6 +93,7 @@ def worker(cfg: dict) -> dict | None:
     from mpipar.layout import Layout, make_comms
     from mpipar.model.init import open_model
     from mpipar.parallel.rank_model import ParallelModel
+    from mpipar.serve import offline
     comms = make_comms(Layout(*cfg["layout"]), world)
     config = model_config(cfg["model"])
     model = ParallelModel(comms, open_model(preset=config))
@@ -100,17 +101,17 @@ def worker(cfg: dict) -> dict | None:
     ttft_set = prompts_for(cfg["ttft_prompts"], length, config.vocab_size)
     tpot_sets = {b: prompts_for(b, length, config.vocab_size) for b in cfg["batches"]}
     for k in cfg["chunks"]:  # warm-up
-        model.generate(ttft_set, 1, prefill_chunks=k)
+        offline.generate(model, ttft_set, 1, prefill_chunks=k)
     for b in cfg["batches"]:
-        model.generate(tpot_sets[b], 3)
+        offline.generate(model, tpot_sets[b], 3)
 
     def one_round():  # rank 0's times; 0 elsewhere
         out = {}
         for k in cfg["chunks"]:
-            gen = model.generate(ttft_set, 1, prefill_chunks=k)
+            gen = offline.generate(model, ttft_set, 1, prefill_chunks=k)
             out[f"ttft K={k}"] = gen.ttft_s if gen is not None else 0.0
         for b in cfg["batches"]:
-            gen = model.generate(tpot_sets[b], new)
+            gen = offline.generate(model, tpot_sets[b], new)
             out[f"tpot B={b}"] = gen.tpot_s if gen is not None else 0.0
         return out
 

@@ -59,6 +59,7 @@ def worker(cfg: dict) -> dict | None:
     from mpipar.layout import Layout, make_comms
     from mpipar.model.init import open_model
     from mpipar.parallel.rank_model import ParallelModel
+    from mpipar.serve import offline
 
     world = MPI.COMM_WORLD
     pp = world.size
@@ -69,12 +70,12 @@ def worker(cfg: dict) -> dict | None:
     prompt = [[(31 * i + 7) % vocab for i in range(cfg["prompt_len"])]]
     chunks = cfg["chunks"]  # at pp = 1: chunked prefill alone, without a pipeline
     for k in chunks:  # warm-up
-        model.generate(prompt, 1, prefill_chunks=k)
+        offline.generate(model, prompt, 1, prefill_chunks=k)
 
     def one_round():  # every K once, interleaved -> {K: TTFT} (rank 0's; 0 elsewhere)
         out = {}
         for k in chunks:
-            gen = model.generate(prompt, 1, prefill_chunks=k)
+            gen = offline.generate(model, prompt, 1, prefill_chunks=k)
             out[k] = gen.ttft_s if gen is not None else 0.0
         return out
 

@@ -84,7 +84,9 @@ def worker(cfg: dict) -> dict | None:
     from mpipar.comm.control import barrier
     from mpipar.layout import Layout, make_comms
     from mpipar.model.init import open_model
-    from mpipar.serve.engine import EngineOptions, ServeEngine, generate_offline
+    from mpipar.serve.engine import ServeEngine
+    from mpipar.serve.offline import generate_offline
+    from mpipar.serve.options import EngineOptions
     from mpipar.serve.request import Request, SamplingParams
     tp, pp, dp = LAYOUTS[cfg["layout"]]
     comms = make_comms(Layout(tp=tp, pp=pp, dp=dp), MPI.COMM_WORLD)

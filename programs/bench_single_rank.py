@@ -107,10 +107,11 @@ def mpipar_runner(source, prompt, decode: int):
 
     from mpipar.layout import Layout, make_comms
     from mpipar.parallel.rank_model import ParallelModel
+    from mpipar.serve import offline
     model = ParallelModel(make_comms(Layout(), MPI.COMM_SELF), source)
-    model.generate([prompt], 1 + decode)  # warm-up
-    return lambda: {"ttft_s": model.generate([prompt], 1).ttft_s,
-                    "tpot_s": model.generate([prompt], 1 + decode).tpot_s}
+    offline.generate(model, [prompt], 1 + decode)  # warm-up
+    return lambda: {"ttft_s": offline.generate(model, [prompt], 1).ttft_s,
+                    "tpot_s": offline.generate(model, [prompt], 1 + decode).tpot_s}
 
 
 def torch_runner(config, prompt, decode: int):

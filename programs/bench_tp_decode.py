@@ -74,6 +74,7 @@ def worker(cfg: dict) -> dict | None:
     from mpipar.layout import Layout, make_comms
     from mpipar.model.init import open_model
     from mpipar.parallel.rank_model import ParallelModel
+    from mpipar.serve import offline
 
     world = MPI.COMM_WORLD
     comms = make_comms(Layout(tp=cfg["tp"]), world)
@@ -83,12 +84,12 @@ def worker(cfg: dict) -> dict | None:
     new = cfg["new_tokens"]
     sets = {b: prompts_for(b, cfg["prompt_len"], vocab) for b in cfg["batches"]}
     for b in cfg["batches"]:  # warm-up: BLAS buffers, page faults, code paths
-        model.generate(sets[b], max(2, new // 4))
+        offline.generate(model, sets[b], max(2, new // 4))
 
     def one_round():  # every batch once -> {batch: TPOT} (rank 0's; 0 elsewhere)
         out = {}
         for b in cfg["batches"]:
-            gen = model.generate(sets[b], new)
+            gen = offline.generate(model, sets[b], new)
             out[b] = gen.tpot_s if gen is not None else 0.0
         return out
 
@@ -97,7 +98,7 @@ def worker(cfg: dict) -> dict | None:
     for b in cfg["batches"]:
         comms.ledger.trace = True
         comms.ledger.reset()
-        gen = model.generate(sets[b], new)
+        gen = offline.generate(model, sets[b], new)
         comms.ledger.trace = False
         if world.rank == 0:
             parts[b] = breakdown(comms.ledger, layers, new - 1, gen.tpot_s)

@@ -8,7 +8,7 @@ Steps: (1) environment: GPU, MPI library, CUDA-awareness, which transport path r
 (2) tests/test_gpu.py on 1 and 4 ranks; (3) programs/transformer.py with 4 ranks
 (sharing one GPU round-robin) on both fixtures and the built-in model in several
 layouts, each checked against the CPU float32 reference (tokens equal in float32;
-bfloat16 runs within runner.logit_tolerance); (4) the ring all-reduce beside MPI's
+bfloat16 runs within verify.logit_tolerance); (4) the ring all-reduce beside MPI's
 Allreduce on the same device buffers, 4 ranks, busbw; (5) the decode benchmark
 (programs/bench_gpu_decode.py): ms per output token and fraction of the HBM roofline for
 the Qwen3-0.6B, Qwen3-8B and Qwen3-30B-A3B shapes in bfloat16, batch 1 and 64, on 1

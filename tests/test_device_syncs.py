@@ -20,6 +20,7 @@ from mpipar import backend
 from mpipar.layout import Layout, make_comms
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.parallel.rank_model import ParallelModel
+from mpipar.serve.step import Sampling
 
 MODULES = ("mpipar.model.layers", "mpipar.parallel.moe", "mpipar.parallel.tp",
            "mpipar.parallel.rank_model")
@@ -47,7 +48,8 @@ def test_host_transfers_per_decode_step(fixtures_dir, monkeypatch, name):
     for fn in ("nonzero", "flatnonzero", "argwhere", "unique", "bincount"):
         monkeypatch.setattr(f"numpy.{fn}", syncs_on_a_gpu)
     x, _ = model.stage_forward([[7], [9]], caches)
-    model.pick(x, [(0.0, 1.0, None, 0, 1), (0.0, 1.0, None, 1, 1)])  # two greedy rows
+    greedy = [Sampling(0.0, 1.0, 0, key, 1) for key in (0, 1)]
+    model.pick(x, greedy)  # two greedy rows
     monkeypatch.undo()
     moe_layers = sum(source.config.is_moe_layer(i) for i in range(source.config.num_layers))
     assert len(calls) == moe_layers + 2, calls  # + argmax: the best value and its index

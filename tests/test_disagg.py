@@ -10,11 +10,10 @@ import os
 import pytest
 
 from mpipar.costmodel import kv_transfer_bytes
-from mpipar.layout import Layout, LayoutError
+from mpipar.layout import Layout, LayoutError, parse_groups
 from mpipar.model.config import get_preset
 from mpipar.parallel.reshard import kv_pieces, piece_bytes_by_rank
 from mpipar.parallel.shard import make_plan
-from mpipar.serve.groups import parse_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

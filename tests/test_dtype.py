@@ -1,20 +1,20 @@
 """Compute in bfloat16 / float16: the fixtures against float32, with a tolerance derived here.
 
-The tolerance (``runner.logit_tolerance``): each layer rounds its output with a relative
+The tolerance (``verify.logit_tolerance``): each layer rounds its output with a relative
 error eps1, measured below for each fixture and dtype by feeding every layer the same
 float32 input (rounded to the dtype) in both precisions: max |out16 - out32| / max |out32|.
 Through the pre-norm residual stream the L layers' and the head's errors add at most
 linearly, so logits must lie within (L + 1) * eps1 * max |logit| of the float32 ones.
 Measured on the fixtures: eps1 = 1.7-1.9 u (u = 2^-8 bfloat16, 2^-11 float16), logit
 errors about half the bound. Tokens must agree except where the float32 reference is
-itself a tie within that tolerance (``runner.compare``).
+itself a tie within that tolerance (``verify.compare``).
 
 MoE: a token whose router has a near-tie at the top-k boundary can pick another expert
 in 16 bits, a discrete change that no rounding bound covers. The test records both
 runs' routing and requires that the logit rows beyond the tolerance are exactly rows
 whose routing flipped, and that each flip started at a near-tie of the float32 router
 (its k-th and (k+1)-th probabilities closer than twice the layer's measured 16-bit
-probability error); ``runner.allowed_outlier_rows`` is the allowance a run without
+probability error); ``verify.allowed_outlier_rows`` is the allowance a run without
 routing records gets.
 
 A parallel 16-bit run rounds more: each TP rank's partial sum is rounded before the
@@ -42,7 +42,8 @@ from mpipar.model.reference import ReferenceModel, generate
 from mpipar.parallel.predict import predict_rank
 from mpipar.parallel.rank_model import ParallelModel
 from mpipar.parallel.shard import check_layout
-from mpipar.runner import allowed_outlier_rows, compare, logit_tolerance
+from mpipar.serve import offline
+from mpipar.verify import allowed_outlier_rows, compare, logit_tolerance
 
 FIXTURES = ("qwen3-tiny", "qwen3-moe-tiny", "qwen3-mqa-bf16-tied", "qwen3-moe-mixed-sharded")
 UNIT = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
@@ -225,7 +226,7 @@ def test_parallel_bfloat16(world, fixtures_dir, name):
         tol = tolerance(folder, "bfloat16", max(layer_rounding(folder, "bfloat16"),
                                                 parallel_layer_rounding(world, model, folder)))
         comms.ledger.reset()  # the measurement's traffic is not the run's
-        gen = model.generate(prompts_of(folder), NEW, keep_logits=True,
+        gen = offline.generate(model, prompts_of(folder), NEW, keep_logits=True,
                              prefill_chunks=3 if layout.pp > 1 else 1)
         per_rank = model.report()
         problems = None

@@ -21,6 +21,7 @@ from mpipar.model.sampling import Sampler
 from mpipar.parallel.predict import predict_rank
 from mpipar.parallel.rank_model import ParallelModel
 from mpipar.parallel.shard import check_layout
+from mpipar.serve import offline
 
 TOL = 1e-4
 
@@ -79,8 +80,9 @@ def test_every_layout_matches_transformers(world, fixtures_dir, name):
         for chunks in (1, 3):
             comms = make_comms(layout, world)
             model = ParallelModel(comms, source)
-            gen = model.generate(refs["prompts"], 8, prefill_chunks=chunks, keep_logits=True,
-                                 decode_microbatches=chunks - 1)  # 1 chunk: none; 3: two
+            # decode micro-batches: 1 chunk: none; 3 chunks: two
+            gen = offline.generate(model, refs["prompts"], 8, prefill_chunks=chunks,
+                                   keep_logits=True, decode_microbatches=chunks - 1)
             on_rank0(world, check_ledger, model.report(), layout, config)
             on_rank0(world, check_generation, gen, refs, config,
                      f"{name} {layout} chunks={chunks}")
@@ -113,7 +115,7 @@ def test_more_checkpoint_shapes_in_every_layout(world, fixtures_dir, name):
         except LayoutError:
             continue  # e.g. 4 query heads cannot split over tp=3; same on every rank
         model = ParallelModel(make_comms(layout, world), source)
-        gen = model.generate(refs["prompts"], 8, prefill_chunks=3, keep_logits=True)
+        gen = offline.generate(model, refs["prompts"], 8, prefill_chunks=3, keep_logits=True)
         on_rank0(world, check_ledger, model.report(), layout, config)
         on_rank0(world, check_generation, gen, refs, config, f"{name} {layout}")
 
@@ -130,7 +132,7 @@ def test_long_prompt_with_chunk_boundaries_inside_attention_blocks(world, fixtur
     if source.config.is_moe and n % 2 == 0:
         layout = Layout(tp=2, pp=n // 2, ep=2)
     model = ParallelModel(make_comms(layout, world), source)
-    gen = model.generate([refs["long"]], 8, prefill_chunks=2, keep_logits=True)
+    gen = offline.generate(model, [refs["long"]], 8, prefill_chunks=2, keep_logits=True)
 
     def check():
         assert gen.tokens[0].tolist() == refs["tokens_long"], layout
@@ -151,7 +153,7 @@ def test_random_model_matches_reference_with_sampling(world):
     n = world.Get_size()
     lay = Layout(tp=n, ep=n) if n in (1, 2, 4, 8) else Layout(pp=n)
     model = ParallelModel(make_comms(lay, world), source)
-    gen = model.generate(prompts, 5, sampler, prefill_chunks=2, keep_logits=True)
+    gen = offline.generate(model, prompts, 5, sampler, prefill_chunks=2, keep_logits=True)
     if world.Get_rank() == 0:
         assert np.array_equal(gen.tokens, ref.tokens)
         assert np.nanmax(np.abs(gen.prompt_logits - ref.prompt_logits)) < TOL

@@ -15,6 +15,7 @@ from mpipar.model.config import ModelConfig
 from mpipar.parallel import eplb
 from mpipar.parallel.moe import pack_rows, pick_copies, route_rows, unpack_rows
 from mpipar.parallel.rank_model import ParallelModel
+from mpipar.serve import offline
 from tests.test_engine import check_generation, check_ledger, layouts, load_refs, on_rank0
 
 
@@ -151,7 +152,7 @@ def test_redundant_experts_and_rebalancing_match_transformers(world, fixtures_di
         for redundant in (0, layout.ep):
             opts = eplb.EPLBOptions(redundant_experts=redundant, window=2)
             model = ParallelModel(make_comms(layout, world), source, eplb=opts)
-            gen = model.generate(refs["prompts"], 8, keep_logits=True)
+            gen = offline.generate(model, refs["prompts"], 8, keep_logits=True)
             per_rank = model.report()
             on_rank0(world, check_ledger, per_rank, layout, config)
             on_rank0(world, check_generation, gen, refs, config, f"{layout} R={redundant}")

@@ -75,6 +75,7 @@ def test_engine_on_gpu_matches_fixture(world, fixtures_dir):
     from mpipar.layout import Layout, make_comms
     from mpipar.model.checkpoint import CheckpointReader
     from mpipar.parallel.rank_model import ParallelModel
+    from mpipar.serve import offline
     folder = os.path.join(fixtures_dir, "qwen3-moe-tiny")
     ref = json.load(open(os.path.join(folder, "ref.json")))
     n = world.Get_size()
@@ -84,7 +85,7 @@ def test_engine_on_gpu_matches_fixture(world, fixtures_dir):
     comms = make_comms(layout, world, xp=cupy, transport=transport)
     transport.ledger = comms.ledger
     model = ParallelModel(comms, CheckpointReader(folder), xp=cupy)
-    gen = model.generate([ref["prompt_a"]], 8, prefill_chunks=2, keep_logits=True)
+    gen = offline.generate(model, [ref["prompt_a"]], 8, prefill_chunks=2, keep_logits=True)
     if world.Get_rank() == 0:
         assert gen.tokens[0].tolist() == ref["greedy_generate"]
         dec = np.load(os.path.join(folder, "ref_decode_logits.npy"))
@@ -112,10 +113,10 @@ def test_matmul_16bit_on_gpu(dtype):
 @pytest.mark.parametrize("name", ["qwen3-tiny", "qwen3-moe-tiny"])
 def test_reference_bfloat16_on_gpu_matches_cpu(fixtures_dir, name):
     """The same bf16 math on the GPU and on the CPU: within the tolerance of a bf16 run
-    (runner.logit_tolerance), tokens equal except at ties within it."""
+    (verify.logit_tolerance), tokens equal except at ties within it."""
     from mpipar.model.checkpoint import CheckpointReader
     from mpipar.model.reference import ReferenceModel, generate
-    from mpipar.runner import allowed_outlier_rows, compare, logit_tolerance
+    from mpipar.verify import allowed_outlier_rows, compare, logit_tolerance
     folder = os.path.join(fixtures_dir, name)
     ref = json.load(open(os.path.join(folder, "ref.json")))
     src = CheckpointReader(folder)

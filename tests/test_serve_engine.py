@@ -19,7 +19,9 @@ from mpipar.layout import Layout, make_comms
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
-from mpipar.serve.engine import EngineOptions, ServeEngine, generate_offline
+from mpipar.serve.engine import ServeEngine
+from mpipar.serve.offline import generate_offline
+from mpipar.serve.options import EngineOptions
 from mpipar.serve.request import Request, RequestError, SamplingParams
 
 OPTIONS = dict(block_size=4, kv_cache_tokens=48, max_num_batched_tokens=12,

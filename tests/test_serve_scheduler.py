@@ -28,7 +28,7 @@ class Harness:
 
     def step(self, lane=0, token=7):
         entries = self.s.schedule(lane)
-        tokens = [[token] * sum(e.sample is not None for e in rep) for rep in entries]
+        tokens = [[token] * sum(e.sampling is not None for e in rep) for rep in entries]
         return entries, self.s.update(self.by_slot, entries, tokens)
 
 
@@ -36,17 +36,17 @@ def test_decodes_first_then_chunked_prefill_under_the_budget():
     h = Harness(max_num_batched_tokens=6, num_blocks=16)
     a = h.add(make("0", range(1, 4)))
     entries, outs = h.step()
-    assert [(e.slot, len(e.tokens), e.sample is not None) for e in entries[0]] == [(0, 3, True)]
+    assert [(e.slot, len(e.tokens), e.sampling is not None) for e in entries[0]] == [(0, 3, True)]
     b = h.add(make("1", range(10, 24)))  # 14 tokens: chunks of the budget left
     entries, _ = h.step()
     assert [(e.slot, e.start, len(e.tokens)) for e in entries[0]] == [(0, 3, 1), (1, 0, 5)]
-    assert entries[0][1].sample is None and b.num_computed == 5
+    assert entries[0][1].sampling is None and b.num_computed == 5
     entries, _ = h.step()
     assert [(e.slot, e.start, len(e.tokens)) for e in entries[0]] == [(0, 4, 1), (1, 5, 5)]
     a_blocks = list(a.table)
     entries, outs = h.step()
     assert [(e.slot, e.start, len(e.tokens)) for e in entries[0]] == [(0, 5, 1), (1, 10, 4)]
-    assert entries[0][1].sample is not None  # the prompt's last chunk samples
+    assert entries[0][1].sampling is not None  # the prompt's last chunk samples
     assert outs[0].finished and outs[0].finish_reason == "length" and a.generated == 4
     assert a_blocks == [7, 8]  # admitted mid-pool, grew into the next block
     assert b.table == [11, 12, 13, 14]  # the middle of the longest run, after a's

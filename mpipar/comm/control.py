@@ -25,6 +25,7 @@ import time
 from .tags import STEP
 
 SLEEP_FIRST_S, SLEEP_MAX_S, SLEEP_GROWTH, SLEEP_SHARE = 1e-5, 0.02, 1.3, 0.05
+BUSY_SLEEP_MAX_S = 2e-4  # while a rank's own transfers are pending
 
 
 class RemoteError(RuntimeError):
@@ -91,13 +92,16 @@ def poll_object(group, source: int, tag: int, kind: str):
     return True, pickle.loads(data)
 
 
-def wait_object(group, source: int, tag: int = STEP, kind: str = "control"):
-    """Receive one object from ``source``, sleeping between probes (never spinning)."""
+def wait_object(group, source: int, tag: int = STEP, kind: str = "control", progress=None):
+    """Receive one object from ``source``, sleeping between probes (never spinning).
+    ``progress()``, if given, runs before every probe (a rank's own transfers move on);
+    while it returns True (still busy) a sleep lasts at most BUSY_SLEEP_MAX_S."""
     delay, t0 = SLEEP_FIRST_S, time.monotonic()
     while True:
+        busy = progress() if progress is not None else False
         ok, obj = poll_object(group, source, tag, kind)
         if ok:
             return obj
-        time.sleep(delay)
+        time.sleep(min(delay, BUSY_SLEEP_MAX_S) if busy else delay)
         waited = time.monotonic() - t0
         delay = min(delay * SLEEP_GROWTH, SLEEP_MAX_S, max(SLEEP_FIRST_S, SLEEP_SHARE * waited))

@@ -3,7 +3,7 @@
 A checkpoint with NaN or inf weights makes every later activation non-finite, and the
 argmax of NaN logits is token 0: without a check a run streams zeros. Each rank watches
 the output [N, h] of every layer it runs (``check``: one ``isfinite().all()`` reduction,
-kept on the device, so no host sync per layer); after generate() the runner agrees on
+kept on the device, so no host sync per layer); after generate() the program agrees on
 the smallest bad layer over the world (``first_bad_layer``, one host read per layer
 watched) and stops the run with one message naming it. Layers are numbered as in the
 checkpoint (``model.layers.<i>``), so the smallest index is the first along the

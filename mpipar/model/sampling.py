@@ -26,18 +26,24 @@ class Sampler:
         """logits [B, V] (host float32) -> token ids [B] int64."""
         if self.greedy:
             return np.argmax(logits, axis=-1).astype(np.int64)
-        out = np.empty(logits.shape[0], dtype=np.int64)
-        for row, seq in enumerate(seq_ids):
-            z = logits[row].astype(np.float64) / self.temperature
-            p = np.exp(z - z.max())
-            p /= p.sum()
-            order = np.argsort(-p, kind="stable")
-            cum = np.cumsum(p[order])
-            keep = order[: int(np.searchsorted(cum, self.top_p) + 1)]
-            q = p[keep] / p[keep].sum()
-            rng = np.random.default_rng([self.seed, int(seq), step])
-            out[row] = keep[rng.choice(len(keep), p=q)]
-        return out
+        return np.array([sample_token(row, self.temperature, self.top_p, self.seed, seq, step)
+                         for row, seq in zip(logits, seq_ids, strict=True)], dtype=np.int64)
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, seed: int, key: int,
+                 step: int) -> int:
+    """One row of logits [V] (host float32) -> a token id: temperature, then the smallest
+    set of tokens whose probability reaches ``top_p``, drawn with the generator seeded by
+    (seed, key, step), so every layout draws the same token from the same logits."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    cum = np.cumsum(p[order])
+    keep = order[: int(np.searchsorted(cum, top_p) + 1)]
+    q = p[keep] / p[keep].sum()
+    rng = np.random.default_rng([seed, int(key), step])
+    return int(keep[rng.choice(len(keep), p=q)])
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """ParallelModel: this rank's part of the model, and one step's forward of it.
 
-A step (serve/engine.py builds it on world rank 0 and every rank receives it) gives each
-DP replica a list of entries: a request's next tokens, the position they start at, and
-its block table in the replica's paged KV pool. Every rank of the replica runs the same
-entries through its stage (``run_entries``):
+A step (serve/step.py: the scheduler builds it on world rank 0 and every rank receives
+it) gives each DP replica a list of entries: a request's next tokens, the position they
+start at, and its block table in the replica's paged KV pool. Every rank of the replica
+runs the same entries through its stage (``run_entries``):
 
     stage 0:  embed the tokens (vocab-parallel, tp.py)
     each stage: its layers (TP blocks, EP MoE), attention through the block tables,
@@ -12,8 +12,8 @@ entries through its stage (``run_entries``):
                 (greedy: distributed argmax; else the request's own seeded sampler)
 
 DP: every replica runs every step (a replica without entries runs it on zero tokens),
-because the EP all-to-all may join ranks of different replicas. ``generate`` is the
-offline case of the serving engine: every prompt arrives at once.
+because the EP all-to-all may join ranks of different replicas. Offline generation (every
+prompt at once) is the serving engine's case: ``mpipar.serve.offline.generate``.
 
 ``dtype`` (float32, bfloat16, float16, or "auto": ``backend.compute_dtype``) is the
 dtype of this rank's weights, activations, KV cache and of everything its collectives
@@ -28,7 +28,7 @@ from ..backend import compute_dtype
 from ..comm.control import gather_object
 from ..model.finite import FiniteWatch
 from ..model.layers import pack
-from ..model.sampling import Sampler
+from ..model.sampling import sample_token
 from .eplb import EPLBOptions, ExpertBalancer, initial_placement
 from .moe import RoutingStats
 from .pp import Pipeline
@@ -75,46 +75,38 @@ class ParallelModel:
         return (x if self.pipe.last else None), segments
 
     def run_entries(self, entries, pool, keep_logits: bool = False):
-        """One step of this replica. entries: (slot, tokens, start, table, sample) each
-        with >= 1 token; ``sample`` is None or (temperature, top_p, seed, key, step).
-        Last stage -> (token per sampling entry [list], full logits [N, V] or None)."""
+        """One step of this replica. entries: serve/step.Entry records (read by field
+        name: tokens, start, table, sampling), each with >= 1 token. Last stage ->
+        (token per entry with sampling [list], full logits [N, V] host or None)."""
         self.pipe.wait_sends()  # the previous step's activation has left
-        views = [pool.sequence(table, start) for _, _, start, table, _ in entries]
+        views = [pool.sequence(e.table, e.start) for e in entries]
         caches = [[v[i] for v in views] for i in range(len(self.blocks))]  # [layer][seq]
-        x, segments = self.stage_forward([e[1] for e in entries], caches)
+        x, segments = self.stage_forward([e.tokens for e in entries], caches)
         if not self.pipe.last:
             return None
-        samples = [e[4] for e in entries if e[4] is not None]
+        due = [e.sampling for e in entries if e.sampling is not None]
         rows = [start + n - 1 for (_, start, n), e in zip(segments, entries, strict=True)
-                if e[4] is not None]
+                if e.sampling is not None]
         full_all = None
         if keep_logits:
             full_all = self.head.full_logits(self.head.local_logits(x))  # [N, V] host
-        return self.pick(x[rows] if rows else x[:0], samples, full_all, rows), full_all
+        return self.pick(x[rows] if rows else x[:0], due, full_all, rows), full_all
 
-    def pick(self, x_rows, samples, full_all=None, rows=()):
+    def pick(self, x_rows, due, full_all=None, rows=()):
         """Last stage: x rows [B, h] -> token ids [B]: the distributed argmax for greedy
-        rows, the request's seeded Sampler over the full logits for the others."""
-        if not samples:
+        rows; for the others, the full logits row and the entry's own seeded draw."""
+        if not due:
             return []
         local = self.head.local_logits(x_rows)
         self.watch.check(local, self.config.num_layers)  # "layer L": the logits
         tokens = self.head.argmax(local)
-        if any(s[0] > 0 for s in samples):
+        if not all(s.greedy for s in due):
             full = full_all[rows] if full_all is not None else self.head.full_logits(local)
-            for i, (temperature, top_p, seed, key, step) in enumerate(samples):
-                if temperature > 0:
-                    sampler = Sampler(temperature, top_p, seed)
-                    tokens[i] = sampler.sample(full[i:i + 1], [key], step)[0]
+            for i, s in enumerate(due):
+                if not s.greedy:
+                    tokens[i] = sample_token(full[i], s.temperature, s.top_p, s.seed, s.key,
+                                             s.step)
         return [int(t) for t in tokens]
-
-    def generate(self, prompts, max_new_tokens: int, sampler: Sampler | None = None,
-                 prefill_chunks: int = 1, keep_logits: bool = False,
-                 decode_microbatches: int | None = None):
-        """All prompts in at t=0, Generation out on world rank 0 (None elsewhere)."""
-        from ..serve.offline import generate_batch  # the serving engine builds on this module
-        return generate_batch(self, prompts, max_new_tokens, sampler or Sampler(),
-                              prefill_chunks, keep_logits, decode_microbatches)
 
     def report(self):
         """Per-rank facts gathered on world rank 0: ledger, forwards, routing, memory."""

@@ -5,13 +5,13 @@ values (``KVSender``); a decode rank receives them into the reserved blocks (``K
 Once the prefill group has sampled a request's first token (serve/disagg.py), the request
 waits in rank 0's queue, in order, holding its prefill blocks, until a decode replica
 has free blocks for prompt + max_tokens (then the decode side never preempts it); rank
-0 allocates them and sends
+0 allocates them and sends a ``step.KVOrder`` (on the step tag, in order with the Steps)
 
-    to every sender    {"op": "kv_send", "xfer", "table", "length", "pieces"}
-    to every receiver  {"op": "kv_recv", "xfer", "table", "length", "pieces"}
+    to every sender    KVOrder(send=True,  xfer, prefill table, length, pieces)
+    to every receiver  KVOrder(send=False, xfer, decode table,  length, pieces)
 
-with the pieces of ``parallel/reshard.py`` that concern the rank, as
-(peer, layer start, layer stop, head start, head stop). A piece is one array
+with the ``parallel/reshard.Piece``s that concern the rank (src, dst, layers, heads).
+A piece is one array
 
     [2 (k, v), layers of the stage, P positions, heads, D]     ledger kind "kv_transfer"
 
@@ -21,7 +21,7 @@ prompt's prefill while it travels, and completes the send (``progress``) between
 steps. A receiver posts both receives at once (comm/p2p.irecv_into) and tests them
 between its decode steps; when all pieces of a transfer are in, it scatters them into
 its pool at the decode block table (positions 0..P-1) and tells world rank 0
-(KV_ACK), which only then frees the prefill blocks and schedules the request's
+(tags.KV_ACK), which only then frees the prefill blocks and schedules the request's
 decode. Both sides take plans in the order rank 0 sent them, so the messages of one
 (sender, receiver) pair match in order on one tag.
 """
@@ -37,6 +37,7 @@ from ..comm.p2p import irecv_into, isend_array
 from ..comm.tags import KV_ACK, KV_PIECE, STEP
 from ..parallel.reshard import kv_pieces, piece_bytes_by_rank
 from .request import FINISH_ABORT, RequestOutput
+from .step import KVOrder
 
 KIND = "kv_transfer"
 
@@ -55,16 +56,16 @@ class KVSender:
         self.link, self.pool, self.plan = link, pool, plan  # link: world Group
         self.pending = []
 
-    def send(self, msg: dict) -> None:
+    def take(self, order: KVOrder) -> None:
         xp, pool = self.pool.xp, self.pool
-        blocks, offsets = _positions(xp, msg["table"], msg["length"], pool.block_size)
+        blocks, offsets = _positions(xp, order.table, order.length, pool.block_size)
         l_base, h_base = self.plan.layers.start, self.plan.kv_heads.start
-        for dst, l0, l1, h0, h1 in msg["pieces"]:
-            layers = range(l0 - l_base, l1 - l_base)
-            heads = slice(h0 - h_base, h1 - h_base)
+        for p in order.pieces:
+            layers = range(p.layers.start - l_base, p.layers.stop - l_base)
+            heads = slice(p.heads.start - h_base, p.heads.stop - h_base)
             piece = xp.stack([xp.stack([side[i][blocks, offsets, heads] for i in layers])
                               for side in (pool.k, pool.v)])  # [2, layers, P, heads, D]
-            self.pending.append(isend_array(self.link, piece, dst, KV_PIECE, kind=KIND))
+            self.pending.append(isend_array(self.link, piece, p.dst, KV_PIECE, kind=KIND))
         self.progress()
 
     def progress(self) -> None:
@@ -81,41 +82,41 @@ class KVReceiver:
 
     def __init__(self, link, pool, plan, dtype):
         self.link, self.pool, self.plan, self.dtype = link, pool, plan, dtype
-        self.pending = []  # (msg, [(handle, piece bounds)])
+        self.pending = []  # (KVOrder, [(handle, Piece)])
         self.outbox = Outbox()
 
-    def post(self, msg: dict) -> None:
+    def take(self, order: KVOrder) -> None:
+        """Post the receives of every piece of ``order`` at once."""
         xp, d = self.pool.xp, self.pool.k[0].shape[-1]
         handles = []
-        for src, l0, l1, h0, h1 in msg["pieces"]:
-            out = xp.empty((2, l1 - l0, msg["length"], h1 - h0, d), dtype=self.dtype)
-            handles.append((irecv_into(self.link, out, src, KV_PIECE, kind=KIND),
-                            (l0, l1, h0, h1)))
-        self.pending.append((msg, handles))
+        for p in order.pieces:
+            out = xp.empty((2, len(p.layers), order.length, len(p.heads), d), dtype=self.dtype)
+            handles.append((irecv_into(self.link, out, p.src, KV_PIECE, kind=KIND), p))
+        self.pending.append((order, handles))
 
     def progress(self) -> list[int]:
         """Transfers whose pieces are all in (now in the pool): their ids, oldest first.
         Every rank but world rank 0 also sends rank 0 the acks."""
         done, still = [], []
-        for msg, handles in self.pending:
+        for order, handles in self.pending:
             if all(h.test() for h, _ in handles):
-                self._store(msg, handles)
-                done.append(msg["xfer"])
+                self._store(order, handles)
+                done.append(order.xfer)
             else:
-                still.append((msg, handles))
+                still.append((order, handles))
         self.pending = still
         if done and self.link.rank != 0:
             self.outbox.post(self.link, done, 0, KV_ACK, "control")
         return done
 
-    def _store(self, msg, handles) -> None:
+    def _store(self, order: KVOrder, handles) -> None:
         pool, xp = self.pool, self.pool.xp
-        blocks, offsets = _positions(xp, msg["table"], msg["length"], pool.block_size)
+        blocks, offsets = _positions(xp, order.table, order.length, pool.block_size)
         l_base, h_base = self.plan.layers.start, self.plan.kv_heads.start
-        for h, (l0, l1, h0, h1) in handles:
+        for h, p in handles:
             piece = h.out  # [2, layers, P, heads, D]
-            heads = slice(h0 - h_base, h1 - h_base)
-            for j, layer in enumerate(range(l0 - l_base, l1 - l_base)):
+            heads = slice(p.heads.start - h_base, p.heads.stop - h_base)
+            for j, layer in enumerate(range(p.layers.start - l_base, p.layers.stop - l_base)):
                 pool.k[layer][blocks, offsets, heads] = piece[0, j]
                 pool.v[layer][blocks, offsets, heads] = piece[1, j]
 
@@ -192,19 +193,18 @@ class HandoffQueue:
         pieces = kv_pieces(self.config, lay.prefill, lay.decode, replica, lay.prefill_base,
                            lay.decode_base)
         xfer, self.next_xfer = self.next_xfer, self.next_xfer + 1
-        base = {"xfer": xfer, "length": seq.prompt_len}
         for src in sorted({p.src for p in pieces}):
-            mine = [(p.dst, *_bounds(p)) for p in pieces if p.src == src]
-            self.outbox.post(self.link, dict(base, op="kv_send", table=list(seq.table),
-                                             pieces=mine), src, STEP, "control")
+            order = KVOrder(True, xfer, list(seq.table), seq.prompt_len,
+                            [p for p in pieces if p.src == src])
+            self.outbox.post(self.link, order, src, STEP, "control")
         receivers = sorted({p.dst for p in pieces})
         for dst in receivers:
-            msg = dict(base, op="kv_recv", table=table,
-                       pieces=[(p.src, *_bounds(p)) for p in pieces if p.dst == dst])
+            order = KVOrder(False, xfer, table, seq.prompt_len,
+                            [p for p in pieces if p.dst == dst])
             if dst == 0:
-                self.receiver.post(msg)
+                self.receiver.take(order)
             else:
-                self.outbox.post(self.link, msg, dst, STEP, "control")
+                self.outbox.post(self.link, order, dst, STEP, "control")
         for r, (sent, recv) in piece_bytes_by_rank(pieces, self.config, seq.prompt_len,
                                                     self.itemsize).items():
             acc = self.kv_bytes.setdefault(r, [0, 0])
@@ -236,7 +236,3 @@ class HandoffQueue:
             self.admissions += 1
             if seq.aborted:
                 self.decode.abort(seq.request.request_id)
-
-
-def _bounds(piece) -> tuple:
-    return piece.layers.start, piece.layers.stop, piece.heads.start, piece.heads.stop

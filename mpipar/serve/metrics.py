@@ -93,3 +93,26 @@ class ServeMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def disagg_phases(self, engine):
+        """A histogram of the per-request phases (disagg.PHASES) and gauges of the handoff
+        bytes; -> the disaggregated engine's ``on_timing`` callback."""
+        from .disagg import PHASES
+        hist = Histogram("mpipar:disagg_phase_seconds", "Per request: queue, prefill, "
+                         "handoff_wait, transfer, first_decode (disaggregated server).",
+                         labelnames=["model_name", "phase"], buckets=LATENCY_BUCKETS,
+                         registry=self.registry)
+        children = {p: hist.labels(self._model, p) for p in PHASES}
+        kv = Gauge("mpipar:kv_transfer_bytes", "KV handoff bytes since start: predicted "
+                   "(all ranks, sent), and received by world rank 0 (measured, predicted).",
+                   labelnames=["model_name", "what"], registry=self.registry)
+        keys = ("kv_transfer_bytes_predicted", "kv_transfer_recv_bytes_rank0",
+                "kv_transfer_recv_bytes_rank0_predicted")
+
+        def observe(request_id, phases: dict) -> None:
+            for phase, seconds in phases.items():
+                children[phase].observe(seconds)
+            stats = engine.stats()
+            for key in keys:
+                kv.labels(self._model, key).set(stats[key])
+        return observe

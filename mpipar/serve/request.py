@@ -57,13 +57,30 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def check_request(req: Request, vocab_size: int, max_model_len: int) -> None:
-    """Raise RequestError (a message for the client) for what the engine cannot run."""
-    p, ids = req.params, req.prompt_ids
+def check_prompt(ids, vocab_size: int) -> None:
+    """RequestError unless ``ids`` is a non-empty list of token ids of the vocabulary."""
     if not isinstance(ids, list) or not ids:
         raise RequestError("the prompt must be a non-empty list of token ids")
-    if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
-        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    bad = [t for t in ids if not (_is_int(t) and 0 <= t < vocab_size)]
+    if bad:
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size}), "
+                           f"got {bad[:5]}")
+
+
+def check_length(prompt_len: int, max_tokens: int, max_model_len: int,
+                 new_name: str = "max_tokens", limit_name: str | None = None) -> None:
+    """RequestError when prompt + new tokens exceed ``max_model_len`` (the names say which
+    options the caller calls them)."""
+    total = prompt_len + max_tokens
+    if total > max_model_len:
+        limit = limit_name or f"max_model_len ({max_model_len})"
+        raise RequestError(f"{prompt_len} tokens + {new_name} {max_tokens} = {total} > {limit}")
+
+
+def check_request(req: Request, vocab_size: int, max_model_len: int) -> None:
+    """Raise RequestError (a message for the client) for what the engine cannot run."""
+    p = req.params
+    check_prompt(req.prompt_ids, vocab_size)
     if not _is_int(p.max_tokens) or p.max_tokens < 1:
         raise RequestError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
     if not (_is_number(p.temperature) and math.isfinite(p.temperature) and p.temperature >= 0):
@@ -74,6 +91,4 @@ def check_request(req: Request, vocab_size: int, max_model_len: int) -> None:
         raise RequestError(f"seed must be an integer, got {p.seed!r}")
     if not isinstance(p.stop_token_ids, list) or not all(_is_int(t) for t in p.stop_token_ids):
         raise RequestError("stop_token_ids must be a list of integers")
-    if len(ids) + p.max_tokens > max_model_len:
-        raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) "
-                           f"is more than max_model_len={max_model_len}")
+    check_length(len(req.prompt_ids), p.max_tokens, max_model_len)

@@ -37,19 +37,7 @@ from dataclasses import dataclass, field
 
 from .kvpool import BlockManager, blocks_for, extend_hashes
 from .request import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Request, RequestOutput
-
-
-@dataclass
-class Entry:
-    """One request's share of a micro-batch, as every rank of its replica runs it."""
-    slot: int  # the sequence's number in this engine
-    tokens: list  # ids at positions start .. start+len-1
-    start: int
-    table: list  # block table covering start+len positions
-    sample: tuple | None  # (temperature, top_p, seed, key, step) when a token is due
-
-    def pack(self) -> tuple:
-        return (self.slot, self.tokens, self.start, self.table, self.sample)
+from .step import Entry, Sampling
 
 
 @dataclass
@@ -218,14 +206,15 @@ class Scheduler:
         pool = self.pools[seq.replica]
         for i in range(start // self.block_size, seq.num_computed // self.block_size):
             pool.register(seq.table[i], seq.hashes[i])
-        sample = None
+        sampling = None
         if seq.num_computed == len(seq.tokens):
             p = seq.request.params
-            sample = (float(p.temperature), float(p.top_p), seq.seed, seq.key, seq.generated)
+            sampling = Sampling(float(p.temperature), float(p.top_p), seq.seed, seq.key,
+                                seq.generated)
             seq.awaiting = True
         seq.in_flight += 1
         return Entry(seq.slot, seq.tokens[start:seq.num_computed], start, list(seq.table),
-                     sample)
+                     sampling)
 
     # ---- results of a micro-batch
     def update(self, seqs_by_slot: dict, entries: list[list[Entry]], tokens: list[list[int]]):
@@ -237,7 +226,7 @@ class Scheduler:
             for e in replica_entries:
                 seq = seqs_by_slot[e.slot]
                 seq.in_flight -= 1
-                if e.sample is None:
+                if e.sampling is None:
                     continue
                 seq.awaiting = False
                 tok = int(next(it))

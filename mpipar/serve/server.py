@@ -1,7 +1,7 @@
 """``mpirun -n N python programs/serve.py --model DIR [--tp T --pp P --dp D --ep E]``.
 
-Every rank parses the same flags, opens the model and builds its part of the engine
-(the checks and loading steps of mpipar/runner.py). Then the ranks split up:
+Every rank parses the same flags (serve/cli.py), opens the model and builds its part of
+the engine (the skeleton of mpipar/program.py). Then the ranks split up:
 
     world rank 0, main thread     Driver.run(): engine.step() whenever there is work
     world rank 0, HTTP thread     uvicorn + FastAPI (api.py), talks to the driver by queues
@@ -12,16 +12,14 @@ once, exit 2), and /health answers 503 until every rank has built its engine. Ba
 end every rank with exit 2 and one message from rank 0. SIGINT/SIGTERM (mpirun forwards
 them to every rank): the workers wait for rank 0, which stops accepting requests, ends
 the open ones, tells the workers to leave and exits 0 with them. An error on one rank
-aborts the whole job (mpipar.runner.main), so a dead rank never leaves the others hanging.
-vLLM's flag names are accepted as aliases, so a vLLM command line carries over.
-``--prefill tp=T1,pp=P1 --decode tp=T2,dp=D2`` serves disaggregated instead: the world
-splits into a decode group and a prefill group (serve/groups.py, serve/disagg.py)
-behind the same driver and HTTP side.
+aborts the whole job (mpipar.program.main), so a dead rank never leaves the others
+hanging. ``--prefill tp=T1,pp=P1 --decode tp=T2,dp=D2`` serves disaggregated instead:
+the world splits into a decode group and a prefill group (layout.DisaggLayout,
+serve/disagg.py) behind the same driver and HTTP side.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -29,104 +27,12 @@ import socket
 import sys
 import threading
 
-from ..runner import Parser, UsageError, bad_input_errors, build_together, connect, open_job
-from . import groups
+from ..program import UsageError, bad_input_errors, build_together, connect, open_job
+from .cli import layout_of, parse_args
+from .options import EngineOptions
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SHUTDOWN_JOIN_S = 4.0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ..backend import COMPUTE_DTYPES
-    from ..parallel.eplb import add_eplb_arguments
-    p = Parser(prog="serve.py", description=(
-        "OpenAI-compatible server of a Qwen3 / Qwen3-MoE model split over MPI ranks."))
-    m = p.add_argument_group("model")
-    m.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
-    m.add_argument("--model", help="Hugging Face folder (config.json + safetensors)")
-    m.add_argument("--preset", help="named shape with random weights")
-    m.add_argument("--seed", type=int, default=0, help="random-weight seed")
-    m.add_argument("--tokenizer", help="folder of tokenizer.json (default: --model)")
-    m.add_argument("--chat-template", help="Jinja file (default: the tokenizer folder's)")
-    m.add_argument("--served-model-name", nargs="+", help="name(s) clients use")
-    par = p.add_argument_group("parallel layout")
-    for short, long, what in (("tp", "tensor-parallel-size", "tensor parallel"),
-                              ("pp", "pipeline-parallel-size", "pipeline stages"),
-                              ("dp", "data-parallel-size", "attention data parallel")):
-        par.add_argument(f"--{short}", f"--{long}", f"-{short}", dest=short, type=int,
-                         default=1, help=what)
-    par.add_argument("--ep", type=int, default=None, help="expert parallel (divides tp*dp)")
-    par.add_argument("--enable-expert-parallel", action="store_true",
-                     help="vLLM's switch: ep = tp*dp")
-    par.add_argument("--device", choices=("cpu", "gpu", "auto"), default=None)
-    par.add_argument("--dtype", choices=COMPUTE_DTYPES, default="auto",
-                     help="weights, activations and KV cache (auto: float32 on CPU, the "
-                          "checkpoint's dtype on GPU)")
-    add_eplb_arguments(p)
-    e = p.add_argument_group("engine (default: the engine's)")
-    for flag in ("block-size", "kv-cache-tokens", "max-num-batched-tokens",
-                 "max-num-seqs", "max-model-len"):
-        e.add_argument(f"--{flag}", type=int, default=None)
-    e.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true",
-                   default=None)
-    e.add_argument("--no-enable-prefix-caching", dest="prefix_caching",
-                   action="store_false")
-    e.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="not used: the KV pool is sized by --kv-cache-tokens")
-    h = p.add_argument_group("HTTP")
-    h.add_argument("--host", default="127.0.0.1")
-    h.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
-    h.add_argument("--api-key", default=os.environ.get("MPIPAR_API_KEY"),
-                   help="require Authorization: Bearer KEY (default $MPIPAR_API_KEY)")
-    h.add_argument("--trace", metavar="FILE.json",
-                   help="at shutdown, a Chrome trace of every rank (forwards, collectives, "
-                        "KV handoffs; every span is kept, so for short runs)")
-    h.add_argument("--uvicorn-log-level", default="warning",
-                   choices=("critical", "error", "warning", "info", "debug", "trace"))
-    groups.add_arguments(p)
-    return p
-
-
-def parse_args(argv):
-    args = build_parser().parse_args(argv)
-    if args.model_pos:
-        if args.model and args.model != args.model_pos:
-            raise UsageError("give the model once (MODEL or --model)")
-        args.model = args.model_pos
-    if args.model and args.preset:
-        raise UsageError("give --model or --preset, not both")
-    if args.enable_expert_parallel:
-        if args.ep not in (None, args.tp * args.dp):
-            raise UsageError("--enable-expert-parallel means ep = tp*dp; drop --ep")
-        args.ep = args.tp * args.dp
-    args.ep = args.ep or 1
-    for name in ("tp", "pp", "dp", "ep"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("block_size", "kv_cache_tokens", "max_num_batched_tokens",
-                 "max_num_seqs", "max_model_len"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
-        raise UsageError(f"--trace {args.trace}: its folder does not exist")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
-    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
-        raise UsageError("--gpu-memory-utilization must be in (0, 1]")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    groups.check_args(args)
-    return args
-
-
-def engine_options(args):
-    from .engine import EngineOptions
-    given = {"block_size": args.block_size, "kv_cache_tokens": args.kv_cache_tokens,
-             "max_num_batched_tokens": args.max_num_batched_tokens,
-             "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-             "enable_prefix_caching": args.prefix_caching}
-    return EngineOptions(**{k: v for k, v in given.items() if v is not None})
 
 
 def served_model(args, source, max_model_len: int):
@@ -181,8 +87,9 @@ def run(argv, world=None) -> int:
 
     try:
         args = parse_args(argv)
-        disagg = bool(args.prefill)  # two groups (serve/groups.py) or one layout
-        layout, source, device = (groups.open_job if disagg else open_job)(args, world.Get_size())
+        disagg = bool(args.prefill)  # two groups (layout.DisaggLayout) or one layout
+        layout = layout_of(args)
+        source, device = open_job(args, layout, world.Get_size())
         if disagg and (args.redundant_experts or args.eplb_window):
             raise UsageError("--redundant-experts / --eplb-window: not with --prefill/--decode")
         args.eplb = None if disagg else check_eplb_arguments(args, source.config, layout)
@@ -190,7 +97,7 @@ def run(argv, world=None) -> int:
         say(f"error: {e}", file=sys.stderr)
         return 2
     ledger = Ledger(trace=bool(args.trace))
-    comms = (groups.connect if disagg else connect)(device, layout, world, ledger, say)
+    comms = connect(device, layout, world, ledger, say)
     web = None
     try:  # rank 0: the port, the tokenizer, the template; a failure ends every rank
         error = None
@@ -200,8 +107,7 @@ def run(argv, world=None) -> int:
             except (*bad_input_errors(), ImportError) as e:
                 error = e
         agree(comms.world, error)
-        engine = build_together(comms, lambda: groups.build_engine(comms, layout, source, args)
-                                if disagg else _engine(comms, source, args))
+        engine = build_together(comms, lambda: _engine(comms, layout, source, args))
     except RemoteError as e:
         say(f"error: {e}", file=sys.stderr)
         if web is not None:
@@ -222,11 +128,17 @@ def run(argv, world=None) -> int:
     return code
 
 
-def _engine(comms, source, args):
+def _engine(comms, layout, source, args):
+    """The colocated engine, or the disaggregated one for two groups."""
+    options = EngineOptions.from_args(args)
+    if args.prefill:
+        from .disagg import DisaggEngine
+        return DisaggEngine(comms, layout, source, options, args.decode_kv_cache_tokens,
+                            args.dtype)
     from ..parallel.rank_model import ParallelModel
     from .engine import ServeEngine
     model = ParallelModel(comms, source, comms.xp, args.dtype, args.eplb)
-    return ServeEngine(comms, source, engine_options(args), model=model)
+    return ServeEngine(comms, source, options, model=model)
 
 
 class _Web:
@@ -266,7 +178,7 @@ class _Web:
         host, port = self.sock.getsockname()[:2]
         self.driver.engine = engine
         if hasattr(engine, "on_timing"):  # disaggregated: per-request phases in /metrics
-            engine.on_timing = groups.phase_metrics(self.metrics, engine)
+            engine.on_timing = self.metrics.disagg_phases(engine)
         limit = getattr(engine, "max_model_len", None)
         if limit:
             self.model.max_model_len = limit
@@ -291,7 +203,7 @@ class _Web:
         watcher.start()
         try:
             self.driver.run()
-        except BaseException:  # the engine failed: runner.main aborts the whole job
+        except BaseException:  # the engine failed: program.main aborts the whole job
             self.server.should_exit = True
             raise
         engine.shutdown()  # the workers leave run_worker()
@@ -311,5 +223,5 @@ def _watch(stop: threading.Event, driver, http_thread, http_died) -> None:
 
 
 def main(argv=None) -> None:
-    from ..runner import main as run_main
-    run_main(argv, program=run)
+    from ..program import main as program_main
+    program_main(run, argv)
