@@ -21,6 +21,12 @@ Expert parallelism lives inside one stage. The ``tp * dp`` ranks of a stage, num
 ranks; each EP group holds every expert once, ``n_experts/ep`` per rank. ``ep = 1``
 means no expert parallelism (experts are TP-split like a dense MLP).
 
+Replica placement (one rule, ``least_loaded_replica``): a new request goes to the DP
+replica with the fewest unfinished requests, the lowest index on ties -- the serving
+scheduler's rule. Offline generation and the time model use what that rule gives when
+every request arrives at t=0 on empty replicas (``offline_replicas``): request i goes to
+replica i % dp.
+
 Communicators are made with ``Comm.Split(color, key)``: one color per group, key = the
 coordinate that varies inside it, so group rank == that coordinate.
 """
@@ -115,6 +121,24 @@ class Layout:
             c = self.coords(r)
             lines.append(f" {r:4d} | {c.tp:2d} {c.dp:2d} {c.pp:2d} | {c.ep_group:8d} {c.ep:2d}")
         return "\n".join(lines)
+
+
+def least_loaded_replica(loads: list[int]) -> int:
+    """The replica a new request goes to: fewest unfinished requests (``loads[d]``),
+    the lowest index on ties."""
+    return loads.index(min(loads))
+
+
+def offline_replicas(n_requests: int, dp: int) -> list[int]:
+    """Replica of each of ``n_requests`` requests that all arrive at t=0 on ``dp`` empty
+    replicas and none finishes before the last is placed (``least_loaded_replica`` in
+    turn; request i lands on i % dp)."""
+    loads, out = [0] * dp, []
+    for _ in range(n_requests):
+        d = least_loaded_replica(loads)
+        loads[d] += 1
+        out.append(d)
+    return out
 
 
 @dataclass
