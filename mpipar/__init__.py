@@ -6,8 +6,8 @@ Modules, one concept each:
   backend       array module (numpy | cupy), GPU binding, host staging
   model/        Qwen3 config, checkpoints, layer math, single-process reference
   parallel/     shard plan, TP, EP, PP, the generate() engine
-  costmodel     the seed's communication formulas
-  plan          deployment planner (python -m mpipar.plan)
+  cost/         the cost model, one home per formula: memory, traffic (seed + exact
+                per rank), work, time, machines, planner (python -m mpipar.cost.plan)
 
 Importing mpipar changes nothing in the process. Programs call ``mpipar.pin_threads()``
 before numpy and mpi4py load (one BLAS thread per rank, MPICH's waits); a library user

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from .backend import COMPUTE_DTYPES
+from .cost.memory import param_counts
 
 DEFAULT_PROMPT_LEN = 16
 CHECK_PARAMS_MAX = 50_000_000  # --check defaults on below this many parameters
@@ -254,7 +255,7 @@ def run(argv, world=None) -> int:
 
     from .model.sampling import Sampler
     sampler = Sampler(args.temperature, args.top_p, args.seed)
-    check = args.check if args.check is not None else config.num_params() <= CHECK_PARAMS_MAX
+    check = args.check if args.check is not None else param_counts(config).total <= CHECK_PARAMS_MAX
     keep_logits = check or bool(args.save_logits)
     ledger.reset()
     if os.environ.get("MPIPAR_FAIL_RANK") == str(rank):  # fault injection, for the tests

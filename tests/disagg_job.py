@@ -20,10 +20,10 @@ from mpi4py import MPI
 import mpipar  # noqa: F401
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
+from mpipar.cost.traffic import predict_rank
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
-from mpipar.parallel.predict import predict_rank
 from mpipar.serve.disagg import DisaggEngine
 from mpipar.serve.engine import EngineOptions
 from mpipar.serve.groups import DisaggComms, connect_group, parse_groups
