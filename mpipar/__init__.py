@@ -6,8 +6,8 @@ Modules, one concept each:
   backend       array module (numpy | cupy), GPU binding, host staging
   model/        Qwen3 config, checkpoints, layer math, single-process reference
   parallel/     shard plan, TP, EP, PP, the generate() engine
-  costmodel     the seed's communication formulas
-  plan          deployment planner (python -m mpipar.plan)
+  cost/         the cost model, one home per formula: memory, traffic (seed + exact
+                per rank), work, time, machines, planner (python -m mpipar.cost.plan)
 
 ``mpipar.generate(model, prompts, max_new_tokens)`` (``serve/offline.py``) generates for a
 batch of prompts on a ParallelModel, collectively on every rank.

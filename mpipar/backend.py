@@ -37,6 +37,8 @@ import time
 
 import numpy as np
 
+from .comm.dtypes import FLOAT_NAMES, float_dtype
+
 
 class DeviceError(RuntimeError):
     pass
@@ -69,7 +71,7 @@ def select_device(flag: str | None = None) -> str:
     return choice
 
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", *FLOAT_NAMES)
 
 
 def _is_16bit_float(dtype) -> bool:
@@ -87,14 +89,13 @@ def native_16bit_matmul(xp, dtype, ndim: int) -> bool:
 def compute_dtype(flag, xp, checkpoint_dtype="float32") -> np.dtype:
     """``flag`` (a COMPUTE_DTYPES name or a numpy dtype) -> numpy dtype; ``xp`` numpy
     means the CPU."""
-    import ml_dtypes
     if not isinstance(flag, str):
         return np.dtype(flag)
     name = checkpoint_dtype if flag == "auto" and xp is not np else flag
     name = "float32" if name == "auto" else name
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {name!r}")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    return float_dtype(name)
 
 
 def local_rank(world_comm) -> tuple[int, int]:

@@ -158,7 +158,7 @@ def worker_main(worker, cfg_json: str, out_path: str) -> int:
     return 0
 
 
-# ---- this machine's figures (the time model's inputs: mpipar/timemodel.py) -------------
+# ---- this machine's figures (the time model's inputs: mpipar/cost/time.py) -------------
 # Each is measured the way the engine uses the machine: float32 products of activations
 # [M, k] with weights stored [out, in] (``a @ w.T``), a large weight read once
 # (matrix-vector product), and messages through mpipar.comm (Python's per-call cost

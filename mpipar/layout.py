@@ -21,6 +21,12 @@ Expert parallelism lives inside one stage. The ``tp * dp`` ranks of a stage, num
 ranks; each EP group holds every expert once, ``n_experts/ep`` per rank. ``ep = 1``
 means no expert parallelism (experts are TP-split like a dense MLP).
 
+Replica placement (one rule, ``least_loaded_replica``): a new request goes to the DP
+replica with the fewest unfinished requests, the lowest index on ties -- the serving
+scheduler's rule. Offline generation and the time model use what that rule gives when
+every request arrives at t=0 on empty replicas (``offline_replicas``): request i goes to
+replica i % dp.
+
 Communicators are made with ``Comm.Split(color, key)``: one color per group, key = the
 coordinate that varies inside it, so group rank == that coordinate.
 """
@@ -117,6 +123,24 @@ class Layout:
         return "\n".join(lines)
 
 
+def least_loaded_replica(loads: list[int]) -> int:
+    """The replica a new request goes to: fewest unfinished requests (``loads[d]``),
+    the lowest index on ties."""
+    return loads.index(min(loads))
+
+
+def offline_replicas(n_requests: int, dp: int) -> list[int]:
+    """Replica of each of ``n_requests`` requests that all arrive at t=0 on ``dp`` empty
+    replicas and none finishes before the last is placed (``least_loaded_replica`` in
+    turn; request i lands on i % dp)."""
+    loads, out = [0] * dp, []
+    for _ in range(n_requests):
+        d = least_loaded_replica(loads)
+        loads[d] += 1
+        out.append(d)
+    return out
+
+
 @dataclass
 class Comms:
     """Everything a rank needs to talk: its layout, coordinates, Groups and ledger."""
@@ -151,24 +175,6 @@ def make_comms(layout: Layout, comm=None, ledger=None, xp=None, transport=None) 
         groups[kind] = Group(comm.Split(color, key), kind, ledger, xp, transport)
     world = Group(comm, "world", ledger, xp, transport)
     return Comms(layout, layout.coords(comm.Get_rank()), world, ledger=ledger, xp=xp, **groups)
-
-
-# ---- requests to DP replicas: one rule for the scheduler, offline runs and the time model
-def least_loaded_replica(loads: list) -> int:
-    """The replica a new request joins: the fewest unfinished requests, the lowest index
-    on ties."""
-    return loads.index(min(loads))
-
-
-def offline_replicas(n_requests: int, dp: int) -> list[int]:
-    """The replica of each of n requests that all arrive at once on idle replicas (the
-    rule above, applied in turn: request i lands on replica i % dp)."""
-    loads, out = [0] * dp, []
-    for _ in range(n_requests):
-        d = least_loaded_replica(loads)
-        loads[d] += 1
-        out.append(d)
-    return out
 
 
 # ---- prefill/decode disaggregation: the world as a decode group + a prefill group

@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from .parallel.predict import PREDICTED_KINDS, predict_rank
+from .cost.traffic import PREDICTED_KINDS, predict_rank
 
 
 def run_record(args, config, layout, gen, per_rank, verdict, load_s, hosts) -> dict:

@@ -14,8 +14,8 @@ rate is ``--load`` (default 0.7) x the colocated capacity, measured first: R / s
 the same requests all at t=0 through dp2 (bench_serve's offline worker). Latencies as
 vLLM bench serve defines them (serve/loadgen.py); goodput under ``--slo-ttft-ms`` and
 ``--slo-tpot-ms``. Handoff bytes per request: measured (world rank 0's ledger: in 1p1d it
-receives every byte) beside the cost model's 2 * L * KV * d * P * 4 (costmodel.
-kv_transfer_bytes); the disaggregated server also reports the mean of each request's
+receives every byte) beside the cost model's 2 * L * KV * d * P * 4 (cost.memory.
+kv_bytes); the disaggregated server also reports the mean of each request's
 phases (queue, prefill, handoff wait, transfer, first decode) from /metrics.
 Records go into the same --json list format as bench_serve (workload "poisson").
 """
@@ -95,10 +95,10 @@ def online(cfg: dict, layout: str, rate: float, slo_ms: dict) -> dict:
 
 
 def formula_bytes_per_request(cfg: dict, config) -> float:
-    from mpipar.costmodel import kv_transfer_bytes
+    from mpipar.cost.memory import kv_bytes
     reqs = bench_serve.workload(cfg)
-    return sum(kv_transfer_bytes(config.num_layers, config.num_kv_heads, config.head_dim,
-                                 len(p), 4) for p, _ in reqs) / len(reqs)
+    return sum(kv_bytes(config.num_layers, config.num_kv_heads, config.head_dim,
+                        len(p), 4) for p, _ in reqs) / len(reqs)
 
 
 def parse_args(argv):

@@ -140,7 +140,7 @@ def worker(cfg: dict) -> dict | None:
 
     from mpipar.comm.group import Group
     from mpipar.comm.ledger import Ledger
-    from mpipar.costmodel import ep_bytes_per_token_seed
+    from mpipar.cost.traffic import ep_bytes_per_token_seed
 
     world = MPI.COMM_WORLD
     ledger = Ledger()

@@ -10,14 +10,14 @@ of the first run divided by the prompt tokens of the rank's replica gives bytes 
 prompt token; the difference of the two runs divided by D * (sequences of the replica)
 gives bytes per generated token, the decode steps alone. Bytes are those a rank SENDS.
 
-The seed's formulas (mpipar.costmodel), per token of the rank's DP replica, h hidden,
+The seed's formulas (mpipar.cost.traffic), per token of the rank's DP replica, h hidden,
 b = 4 bytes, n = tp, L = layers of the rank's stage:
   tp_allreduce  (2L - L_moe_ep) ring all-reduces of h*b: each 2(n-1)/n * h*b
   tp_allgather  L_moe_ep all-gathers of the EP shares: (n-1)/n * h*b (ep > 1)
   pp_send       one activation h*b per stage boundary (stages s < pp-1)
   ep_dispatch   per MoE layer: top_k*h*b/l per token of the EP group = top_k*h*b/n
                 per replica token (self-copies counted); ep_combine the same again
-Column "exact" is mpipar.parallel.predict (the same formulas with the chunk rounding of
+Column "exact" is mpipar.cost.traffic.predict_rank (the same formulas with the chunk rounding of
 the ring and the routing the run saw); measured == exact is checked on every rank.
 Where the ratio to the seed is not 1.00, the output says why (chunk rounding, the
 small-message path, kinds the seed does not count, routing).
@@ -83,14 +83,14 @@ def parse_layout(text: str) -> dict:
 
 def seed_per_token(config, layout, coords) -> dict:
     """The seed's bytes sent per token of the rank's replica, by kind (module docstring)."""
-    from mpipar.costmodel import seed_bytes_by_kind
+    from mpipar.cost.traffic import seed_bytes_by_kind
     return seed_bytes_by_kind(config, layout, 4, coords.pp)
 
 
 def one_run(model, prompts, new_tokens):
     """generate() with a fresh ledger and workload record -> (sent by kind, predicted)."""
+    from mpipar.cost.traffic import predict_rank
     from mpipar.parallel.moe import RoutingStats
-    from mpipar.parallel.predict import predict_rank
     from mpipar.serve import offline
     model.comms.ledger.reset()
     model.forward_tokens = []

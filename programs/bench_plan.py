@@ -3,7 +3,7 @@
     python programs/bench_plan.py [--repeats 3] [--json plan.json] \\
         [--save-machine this.json] [--quick]
 
-What it claims: ``mpipar.timemodel`` predicts, from this machine's measured figures
+What it claims: ``mpipar.cost.time`` predicts, from this machine's measured figures
 alone, the time to first token (TTFT) and time per output token (TPOT) of a layout
 within 25% of the measured median, and orders the layouts of a model as the
 measurements do. Nothing is fitted to these runs: first the machine is measured
@@ -130,12 +130,13 @@ def layout_name(lay) -> str:
 
 def predictions(desc: dict, cases, new_tokens: int, prompt_len: dict) -> list:
     """Every record's prediction, before any run."""
-    from mpipar import timemodel as tm
+    from mpipar.cost import time as tm
+    from mpipar.cost.machine import machine_from_dict
     from mpipar.layout import Layout
     out = []
     for model, lay, chunks, n_prompts, batches in cases:
         layout, config = Layout(*lay), model_config(model)
-        mach = tm.machine_from_dict(desc)
+        mach = machine_from_dict(desc)
         length = prompt_len[model]
         for k in chunks:
             out.append({"model": model, "layout": layout_name(lay) + (f" K={k}" if k > 1
@@ -205,7 +206,7 @@ def parse_args(argv):
 
 
 def machine_from_figures(name: str, figs: dict) -> dict:
-    """benchkit.machine_figures' result -> a machine description (timemodel's format)."""
+    """benchkit.machine_figures' result -> a machine description (cost.machine's format)."""
     link = figs["link"] or {"bandwidth_Bps": float("inf"), "latency_s": 0.0}
     return {"name": name, "gpus_per_node": figs["ranks"], "matmul_flops":
             {str(k): v for k, v in figs["matmul_flops_by_rows"].items()},

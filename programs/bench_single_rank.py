@@ -92,7 +92,7 @@ def machine_limits(n: int, h: int, inter: int, mib: int, repeats: int,
 
 def work(config, n: int) -> dict:
     """Prefill flops of n tokens and decode bytes per token (module docstring)."""
-    from mpipar.costmodel import param_counts
+    from mpipar.cost.memory import param_counts
     c, pc = config, param_counts(config)
     layer_mm = sum(pc.per_layer) - c.num_layers * (pc.layer_norms + 2 * c.head_dim)
     attn = c.num_layers * 2 * n * n * c.num_heads * c.head_dim  # causal: half of 4*n^2*H*d

@@ -24,6 +24,7 @@ from mpipar import verify  # noqa: E402
 from mpipar.backend import COMPUTE_DTYPES, compute_dtype  # noqa: E402
 from mpipar.comm.control import RemoteError  # noqa: E402
 from mpipar.comm.ledger import Ledger  # noqa: E402
+from mpipar.cost.memory import param_counts  # noqa: E402
 from mpipar.layout import Layout  # noqa: E402
 from mpipar.model.finite import describe_layer  # noqa: E402
 from mpipar.model.sampling import Sampler  # noqa: E402
@@ -198,7 +199,8 @@ def run(argv, world=None) -> int:
         return 2
 
     sampler = Sampler(args.temperature, args.top_p, args.seed)
-    check = args.check if args.check is not None else config.num_params() <= CHECK_PARAMS_MAX
+    small = param_counts(config).total <= CHECK_PARAMS_MAX
+    check = args.check if args.check is not None else small
     keep_logits = check or bool(args.save_logits)
     ledger.reset()
     if os.environ.get("MPIPAR_FAIL_RANK") == str(rank):  # fault injection, for the tests

@@ -20,11 +20,11 @@ from mpi4py import MPI
 import mpipar  # noqa: F401
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
+from mpipar.cost.traffic import predict_rank
 from mpipar.layout import DisaggComms, connect_group, parse_groups
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
-from mpipar.parallel.predict import predict_rank
 from mpipar.serve.disagg import DisaggEngine
 from mpipar.serve.options import EngineOptions
 from mpipar.serve.request import Request, SamplingParams

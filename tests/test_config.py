@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from mpipar.cost.memory import param_counts
 from mpipar.model.config import PRESETS, ConfigError, ModelConfig, get_preset, load_config
 
 TINY = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=2,
@@ -55,10 +56,10 @@ def test_presets_have_the_published_shapes(name):
                                                                 tied, e, k, mi)
     assert c.rope_theta == 1e6 and c.rms_norm_eps == 1e-6 and c.dtype == "bfloat16"
     # the published parameter counts follow from the shapes (0.6B: 0.44B non-embedding)
-    assert abs(c.num_params() / total - 1) < 0.02
-    assert abs(c.num_params(active=True) / active - 1) < 0.03
+    assert abs(param_counts(c).total / total - 1) < 0.02
+    assert abs(param_counts(c).active / active - 1) < 0.03
     if name == "qwen3-0.6b":
-        assert abs((c.num_params() - c.vocab_size * c.hidden_size) / 0.44e9 - 1) < 0.02
+        assert abs((param_counts(c).total - c.vocab_size * c.hidden_size) / 0.44e9 - 1) < 0.02
 
 
 def test_small_presets():
@@ -74,9 +75,9 @@ def test_small_presets():
     assert (s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim,
             s.intermediate_size, s.vocab_size, s.is_moe, s.tie_word_embeddings) == (
         1024, 8, 16, 8, 64, 3072, 32000, False, False)
-    assert abs(s.num_params() / 166e6 - 1) < 0.01
+    assert abs(param_counts(s).total / 166e6 - 1) < 0.01
     m = get_preset("bench-dense-300m")
-    assert not m.is_moe and 250e6 < m.num_params() < 350e6
+    assert not m.is_moe and 250e6 < param_counts(m).total < 350e6
     for c in (s, m):
         assert all(x % 8 == 0 for x in (c.num_heads, c.num_kv_heads, c.intermediate_size))
     with pytest.raises(ConfigError, match="unknown preset 'nope'.*builtin-moe"):

@@ -9,10 +9,11 @@ import os
 
 import pytest
 
-from mpipar.costmodel import kv_transfer_bytes
+from mpipar.cost.memory import kv_bytes
+from mpipar.cost.traffic import piece_bytes_by_rank
 from mpipar.layout import Layout, LayoutError, parse_groups
 from mpipar.model.config import get_preset
-from mpipar.parallel.reshard import kv_pieces, piece_bytes_by_rank
+from mpipar.parallel.reshard import kv_pieces
 from mpipar.parallel.shard import make_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +48,7 @@ def test_pieces_give_each_decode_rank_its_heads_once_from_a_holder(preset):
                     assert (p.src - base) % pre.tp % plan.kv_replication == 0, p
             dup = max(1, dec.tp // c.num_kv_heads)
             by_rank = piece_bytes_by_rank(pieces, c, 37, 2)
-            total = kv_transfer_bytes(c.num_layers, c.num_kv_heads, c.head_dim, 37, 2)
+            total = kv_bytes(c.num_layers, c.num_kv_heads, c.head_dim, 37, 2)
             assert sum(s for s, _ in by_rank.values()) == total * dup
             assert sum(r for _, r in by_rank.values()) == total * dup
 
@@ -105,7 +106,7 @@ def test_six_pairs_match_the_reference_and_the_kv_bytes(tmp_path, fixtures_dir):
             assert got == r["kv_predicted"], (name, r)
             assert (got[0] > 0) == r["prefill"] and (got[1] > 0) != r["prefill"], (name, r)
         itemsize, c = 4, {"layers": 4, "kv": 2, "d": 16}
-        total = kv_transfer_bytes(c["layers"], c["kv"], c["d"], rec["prompt_tokens"], itemsize)
+        total = kv_bytes(c["layers"], c["kv"], c["d"], rec["prompt_tokens"], itemsize)
         dup = 2 if rec["case"]["decode"] == "tp=4" else 1
         assert sum(r["kv"].get("sent_bytes", 0) for r in rec["ledger"]) == total * dup, name
         assert all(set(t) == {"queue", "prefill", "handoff_wait", "transfer", "first_decode"}

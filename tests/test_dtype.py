@@ -34,12 +34,12 @@ import numpy as np
 import pytest
 
 from mpipar.backend import compute_dtype, to_host
+from mpipar.cost.traffic import predict_rank
 from mpipar.layout import Layout, LayoutError, make_comms
 from mpipar.model import layers as L
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.layers import pack
 from mpipar.model.reference import ReferenceModel, generate
-from mpipar.parallel.predict import predict_rank
 from mpipar.parallel.rank_model import ParallelModel
 from mpipar.parallel.shard import check_layout
 from mpipar.serve import offline

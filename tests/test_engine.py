@@ -13,12 +13,12 @@ import os
 import numpy as np
 import pytest
 
+from mpipar.cost.traffic import predict_rank
 from mpipar.layout import Layout, LayoutError, make_comms
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.init import RandomWeights
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
-from mpipar.parallel.predict import predict_rank
 from mpipar.parallel.rank_model import ParallelModel
 from mpipar.parallel.shard import check_layout
 from mpipar.serve import offline

@@ -2,7 +2,7 @@
 
 Every collective in ``mpipar.comm`` records into the ledger of the group it runs on.
 Kinds are strings such as ``tp_allreduce``, ``pp_send``, ``ep_dispatch``; the engine
-compares the totals with ``mpipar.costmodel``. With ``trace=True`` the ledger also keeps
+compares the totals with ``mpipar.cost.traffic``. With ``trace=True`` the ledger also keeps
 timed spans (communication and compute) for a Chrome trace.
 """
 

@@ -2,7 +2,8 @@
 
 What moves:
   * float32/64, float16, int8..int64, uint8..uint64, bool move as their own MPI type.
-  * float16 and bfloat16 (``ml_dtypes.bfloat16``, which has no MPI type) move as their
+  * float16 and bfloat16 (``ml_dtypes.bfloat16``, which has no MPI type; the names of
+    the float dtypes and their sizes: dtypes.py, the one table) move as their
     16 bits: ``mpi_type`` gives UINT16 over the array's own buffer, 2 bytes an element.
     MPI never reduces them: every reduction in ``mpipar.comm`` is done by the array
     module on this side of the wire.
@@ -30,11 +31,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-try:
-    import ml_dtypes
-    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency
-    BFLOAT16 = None
+from .dtypes import BFLOAT16
 
 _MPI_TYPES = {
     np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE,
@@ -44,15 +41,14 @@ _MPI_TYPES = {
     np.dtype(np.uint32): MPI.UINT32_T, np.dtype(np.uint64): MPI.UINT64_T,
     np.dtype(np.bool_): MPI.C_BOOL,
     np.dtype(np.float16): MPI.UINT16_T,  # bits only: MPI never reduces 16-bit floats here
+    BFLOAT16: MPI.UINT16_T,
 }
-if BFLOAT16 is not None:
-    _MPI_TYPES[BFLOAT16] = MPI.UINT16_T
 
 
 def acc_dtype(dtype) -> np.dtype:
     """The dtype a sum of ``dtype`` values is accumulated in (float32 for 16-bit floats)."""
     dtype = np.dtype(dtype)
-    half = dtype == np.float16 or (BFLOAT16 is not None and dtype == BFLOAT16)
+    half = dtype == np.float16 or dtype == BFLOAT16
     return np.dtype(np.float32) if half else dtype
 
 

@@ -34,9 +34,9 @@ import json
 import os
 import struct
 
-import ml_dtypes
 import numpy as np
 
+from ..comm.dtypes import BFLOAT16, FLOAT_DTYPES
 from .config import ModelConfig, load_config
 
 
@@ -45,7 +45,7 @@ class CheckpointError(Exception):
 
 
 ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
-             "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+             "F16": np.dtype(np.float16), "BF16": BFLOAT16,
              "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
              "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
 ST_CODES = {v: k for k, v in ST_DTYPES.items()}
@@ -55,8 +55,8 @@ EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 def as_dtype(dtype) -> np.dtype:
     """'float32' | 'float16' | 'bfloat16' | a numpy dtype -> numpy dtype."""
-    if isinstance(dtype, str) and dtype in ("bfloat16", "bf16"):
-        return np.dtype(ml_dtypes.bfloat16)
+    if isinstance(dtype, str) and dtype in FLOAT_DTYPES:
+        return FLOAT_DTYPES[dtype]
     return np.dtype(dtype)
 
 

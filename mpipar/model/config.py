@@ -33,13 +33,15 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..comm.dtypes import FLOAT_NAMES
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a supported model; the message names the field."""
 
 
 MODEL_TYPES = ("qwen3", "qwen3_moe")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = FLOAT_NAMES  # the one dtype table: comm/dtypes.py
 # ModelConfig field -> Hugging Face key (for messages and for writing config.json)
 HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
            "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -113,13 +115,6 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def num_params(self, active: bool = False) -> int:
-        """Weight count; ``active``: only the experts_per_tok experts a token uses
-        (``costmodel.param_counts``, the one place that counts them)."""
-        from ..costmodel import param_counts
-        counts = param_counts(self)
-        return counts.active if active else counts.total
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:

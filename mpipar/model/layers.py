@@ -156,7 +156,10 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-def causal_gqa_attention(xp, q, k, v, block: int = 128):
+ATTENTION_BLOCK = 128  # query rows per block of causal_gqa_attention (the cost model's too)
+
+
+def causal_gqa_attention(xp, q, k, v, block: int = ATTENTION_BLOCK):
     """Attention of the last t positions of a sequence over all S cached positions.
 
     q [t, Hq, D]; k, v [S, Hkv, D] with Hq % Hkv == 0 -> [t, Hq, D]. Query i sits at

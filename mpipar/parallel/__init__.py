@@ -1,3 +1,3 @@
 """The parallel model: what each rank holds (shard.py), the TP block (tp.py), the MoE
 layer (moe.py) and expert placement (eplb.py), the pipeline (pp.py), one step's forward
-of this rank's part (engine.py), and the exact bytes each rank should send (predict.py)."""
+of this rank's part (engine.py). The bytes each rank should send: mpipar.cost.traffic."""

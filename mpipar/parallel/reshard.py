@@ -15,19 +15,19 @@ Consecutive heads from one sender to one receiver form one ``Piece`` (one messag
 layers of stage s, heads [h0, h1). A decode rank that replicates a head (T2 > Hkv) gets
 its own copy, so the bytes of one request of P prompt tokens are, over all pieces,
 
-    2 * L * Hkv * D * P * b * dup2        dup2 = max(1, T2/Hkv) (costmodel.kv_transfer_bytes)
+    2 * L * Hkv * D * P * b * dup2        dup2 = max(1, T2/Hkv)
 
-and a piece moves ``kv_transfer_bytes(layers=len(stage), kv_heads=h1-h0, ...)``.
-A pure module: no MPI.
+and a piece moves the KV bytes of its layers and heads (``cost.memory.kv_bytes``; the
+bytes per rank of a request: ``cost.traffic.piece_bytes_by_rank``). This module holds
+the geometry only. A pure module: no MPI.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..costmodel import kv_transfer_bytes
 from ..layout import Layout
-from .shard import make_plan, split, stage_layers
+from .shard import kv_replication, make_plan, split, stage_layers
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,13 @@ class Piece:
     layers: range  # global layer indices (one prefill stage)
     heads: range  # global kv heads
 
-    def nbytes(self, config, prompt_tokens: int, itemsize: int) -> int:
-        return kv_transfer_bytes(len(self.layers), len(self.heads), config.head_dim,
-                                 prompt_tokens, itemsize)
-
 
 def holder_tp(config, tp: int, head: int) -> int:
     """The first TP rank of a tp-way split that holds kv ``head`` (shard.make_plan's rule)."""
-    kv = config.num_kv_heads
-    if tp > kv:
-        return head * (tp // kv)
-    return next(t for t in range(tp) if head in split(kv, tp, t))
+    rep = kv_replication(config, tp)
+    if rep > 1:
+        return head * rep
+    return next(t for t in range(tp) if head in split(config.num_kv_heads, tp, t))
 
 
 def kv_pieces(config, prefill, decode, replica: int, prefill_base: int,
@@ -68,12 +64,3 @@ def kv_pieces(config, prefill, decode, replica: int, prefill_base: int,
             pieces += [Piece(src, dst, layers, range(a, b + 1)) for src, a, b in runs]
     return pieces
 
-
-def piece_bytes_by_rank(pieces, config, prompt_tokens: int, itemsize: int) -> dict:
-    """{world rank: [sent, received]} of one request's pieces."""
-    out: dict[int, list[int]] = {}
-    for p in pieces:
-        n = p.nbytes(config, prompt_tokens, itemsize)
-        out.setdefault(p.src, [0, 0])[0] += n
-        out.setdefault(p.dst, [0, 0])[1] += n
-    return out

@@ -68,13 +68,24 @@ def check_layout(config, layout: Layout) -> None:
             raise LayoutError(f"ep={layout.ep} does not divide the {c.num_experts} experts")
 
 
+def kv_heads_per_rank(config, tp: int) -> int:
+    """kv heads a TP rank holds: Hkv/T, or 1 (replicated) when T > Hkv."""
+    check_layout(config, Layout(tp=tp))
+    return max(config.num_kv_heads // tp, 1)
+
+
+def kv_replication(config, tp: int) -> int:
+    """How many TP ranks hold each kv head (and its cache): T/Hkv when T > Hkv, else 1."""
+    return tp * kv_heads_per_rank(config, tp) // config.num_kv_heads
+
+
 def make_plan(config, layout: Layout, rank: int) -> ShardPlan:
     check_layout(config, layout)
     c, co, tp = config, layout.coords(rank), layout.tp
-    if tp <= c.num_kv_heads:
-        kv_heads, rep = split(c.num_kv_heads, tp, co.tp), 1
+    rep = kv_replication(c, tp)
+    if rep == 1:
+        kv_heads = split(c.num_kv_heads, tp, co.tp)
     else:
-        rep = tp // c.num_kv_heads
         kv_heads = range(co.tp // rep, co.tp // rep + 1)
     if layout.ep > 1:
         experts = split(c.num_experts, layout.ep, co.ep)

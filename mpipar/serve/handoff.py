@@ -35,7 +35,8 @@ import numpy as np
 from ..comm.control import Outbox, poll_object
 from ..comm.p2p import irecv_into, isend_array
 from ..comm.tags import KV_ACK, KV_PIECE, STEP
-from ..parallel.reshard import kv_pieces, piece_bytes_by_rank
+from ..cost.traffic import piece_bytes_by_rank
+from ..parallel.reshard import kv_pieces
 from .request import FINISH_ABORT, RequestOutput
 from .step import KVOrder
 

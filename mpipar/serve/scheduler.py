@@ -25,7 +25,8 @@ requests that are not waiting for a token. A chunk that samples nothing (the mid
 a prompt) leaves its request schedulable at once, so a long prefill streams through
 the stages chunk after chunk.
 
-DP: ``add`` places a request on the replica with the fewest unfinished requests.
+DP: ``add`` places a request on the replica with the fewest unfinished requests
+(``layout.least_loaded_replica``).
 A request finishes on EOS or a stop id ("stop"), at ``max_tokens`` or
 ``max_model_len`` ("length"), or on abort; its blocks are released at once.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..layout import least_loaded_replica
 from .kvpool import BlockManager, blocks_for, extend_hashes
 from .request import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Request, RequestOutput
 from .step import Entry, Sampling
@@ -87,7 +89,7 @@ class Scheduler:
     # ---- requests in and out
     def add(self, seq: Seq) -> None:
         loads = [len(w) + len(r) for w, r in zip(self.waiting, self.running, strict=True)]
-        seq.replica = loads.index(min(loads))
+        seq.replica = least_loaded_replica(loads)
         self.seqs[seq.request.request_id] = seq
         self.waiting[seq.replica].append(seq)
 

@@ -1,6 +1,6 @@
-"""mpipar.plan: layouts, numbers against hand arithmetic, ranking, and the command line.
+"""mpipar.cost.plan: layouts, numbers against hand arithmetic, ranking, and the command line.
 
-Every test runs on every rank (the command-line ones start ``python -m mpipar.plan``, which
+Every test runs on every rank (the command-line ones start ``python -m mpipar.cost.plan``, which
 imports no MPI, as a plain subprocess: under a second each).
 """
 
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from mpipar import plan as pl
+from mpipar.cost import plan as pl
 from mpipar.launch import clean_env
 from mpipar.model.config import ModelConfig, get_preset
 
@@ -50,7 +50,7 @@ def test_235b_16_gpus_seed_choice_first():
     rows = pl.plan(Q235, 16, 80, 8, "bf16")
     top = rows[0]
     assert (top["tp"], top["pp"], top["dp"], top["ep"]) == (4, 4, 1, 1)
-    # hand: weights 30,183,403,520 B (test_costmodel); 80e9 - that = 49,816,596,480 B free;
+    # hand: weights 30,183,403,520 B (test_cost_memory); 80e9 - that = 49,816,596,480 B free;
     # KV per token 24 layers * 2 * 1 head * 128 * 2 B = 12288 -> floor(free/12288) tokens
     assert top["weight_gb"] == pytest.approx(30.18340352)
     assert top["free_gb"] == pytest.approx(49.81659648)
@@ -128,7 +128,7 @@ def test_config_json_model(capsys, fixtures_dir):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "mpipar.plan", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mpipar.cost.plan", *args], cwd=ROOT,
                           env=clean_env(),
                           capture_output=True, text=True, timeout=60)
 
@@ -150,5 +150,5 @@ def test_cli_bad_args():
     for args in (["--model", "qwen3-235b-a22b", "--gpus", "-3"], ["--model", "no-such"],
                  ["--model", "qwen3-235b-a22b", "--gpus", "8", "--gpus-per-node", "0"]):
         p = _run(*args)
-        assert p.returncode == 2 and p.stderr.startswith("mpipar.plan: error: "), args
+        assert p.returncode == 2 and p.stderr.startswith("mpipar.cost.plan: error: "), args
         assert p.stderr.count("\n") == 1 and p.stdout == ""

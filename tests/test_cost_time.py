@@ -1,5 +1,6 @@
-"""mpipar.timemodel: each term against a hand computation, the schedule's composition,
-the machine files, the planner's time ranking, and benchkit's machine measurements.
+"""mpipar.cost.time (with cost.work and cost.machine): each term against a hand
+computation, the schedule's composition, the placement rule, the machine files, the
+planner's time ranking, and benchkit's machine measurements.
 
 Pure arithmetic except the last tests (small NumPy timings; the link probe needs 2+
 ranks). Every rank runs every test.
@@ -15,9 +16,10 @@ import sys
 
 import pytest
 
-from mpipar import costmodel as cm
-from mpipar import plan as pl
-from mpipar import timemodel as tm
+from mpipar.cost import machine as mc
+from mpipar.cost import plan as pl
+from mpipar.cost import time as tm
+from mpipar.cost import work as wk
 from mpipar.launch import clean_env
 from mpipar.layout import Layout
 from mpipar.model.config import ModelConfig, get_preset
@@ -31,14 +33,14 @@ MOE = ModelConfig(name="m", vocab_size=100, hidden_size=64, num_layers=2, num_he
 
 
 def machine(rate=1e12, bw=1e11, lat=1e-6, link_bw=1e10, inter_bw=1e9, per_node=8):
-    return tm.machine_from_dict({
+    return mc.machine_from_dict({
         "name": "hand", "matmul_flops": rate, "mem_read_Bps": bw, "gpus_per_node": per_node,
         "intra_node": {"bandwidth_Bps": link_bw, "latency_s": lat},
         "inter_node": {"bandwidth_Bps": inter_bw, "latency_s": 10 * lat}})
 
 
 def test_rate_interpolates_log_log_and_clamps():
-    m = tm.machine_from_dict({"name": "x", "matmul_flops": {"1": 1e9, "4": 4e9, "16": 8e9},
+    m = mc.machine_from_dict({"name": "x", "matmul_flops": {"1": 1e9, "4": 4e9, "16": 8e9},
                               "mem_read_Bps": 1, "intra_node": {"bandwidth_Bps": 1,
                                                                 "latency_s": 0}})
     assert m.rate(2) == pytest.approx(2e9)  # halfway on log scale between 1 and 4
@@ -59,11 +61,11 @@ def test_products_roofline():
 def test_forward_matmuls_dense_and_moe_by_hand():
     lay = Layout(tp=2)
     # attention per rank: 2*64*(2 q heads)*16 + 2*64*(1 kv head)*16 = 6144; MLP 3*64*48
-    got = cm.forward_matmuls(DENSE, lay, 0, tokens=5, logit_rows=3)
+    got = wk.forward_matmuls(DENSE, lay, 0, tokens=5, logit_rows=3)
     assert got == {"layers": (5, 2 * (6144 + 9216), 1), "lm_head": (3, 50 * 64, 1)}
     # MoE, ep=1: every expert TP-split (16 of 32 columns): 3*64*16 params each; 5 tokens
     # pick 2 of 8: hit = 8*(1-(6/8)**5) experts, 5*2/hit rows each, in 2 layers
-    got = cm.forward_matmuls(MOE, lay, 0, tokens=5)
+    got = wk.forward_matmuls(MOE, lay, 0, tokens=5)
     hit = 8 * (1 - 0.75 ** 5)
     assert got["router"] == (5, 2 * 8 * 64, 1)
     m, p, k = got["experts"]
@@ -71,7 +73,7 @@ def test_forward_matmuls_dense_and_moe_by_hand():
     # ep=2 (tp=2): 4 whole experts per rank; the EP group serves 2*5/2 = 5 tokens,
     # the router sees the rank's share ceil(5/2) = 3; the layer waits for the rank with
     # more hit experts: each of its 4 is hit with q = hit/8, E[max of 2 Binomial(4, q)]
-    got = cm.forward_matmuls(MOE, Layout(tp=2, ep=2), 0, tokens=5)
+    got = wk.forward_matmuls(MOE, Layout(tp=2, ep=2), 0, tokens=5)
     assert got["router"] == (3, 2 * 8 * 64, 1)
     q = hit / 8
     cdf = [sum(math.comb(4, i) * q ** i * (1 - q) ** (4 - i) for i in range(x + 1))
@@ -80,13 +82,13 @@ def test_forward_matmuls_dense_and_moe_by_hand():
     assert hit / 2 < busiest < 4
     m, p, k = got["experts"]
     assert (m, p, k) == (pytest.approx(10 / hit), 3 * 64 * 32, pytest.approx(2 * busiest))
-    assert cm.experts_hit(8, 2, 0) == 0 and cm.experts_hit(8, 8, 1) == 8
+    assert wk.experts_hit(8, 2, 0) == 0 and wk.experts_hit(8, 8, 1) == 8
 
 
 def test_attention_work_blocks_by_hand():
     lay = Layout(tp=2)  # 2 q heads, 1 kv head of 16 per rank
     # 200 new after 10 cached, blocks of 128: 128 rows see 10+128 keys, 72 see 10+200
-    flops, kv = cm.attention_work(DENSE, lay, 200, 10, 4)
+    flops, kv = wk.attention_work(DENSE, lay, 200, 10, 4)
     assert flops == 4 * 2 * 16 * (128 * 138 + 72 * 210)
     assert kv == 210 * 2 * 1 * 16 * 4
     m = machine(rate=1e9, bw=1e6)
@@ -95,7 +97,7 @@ def test_attention_work_blocks_by_hand():
 
 
 def test_allreduce_paths_by_hand():
-    link = tm.Link(bandwidth_Bps=1e9, latency_s=1e-5)
+    link = mc.Link(bandwidth_Bps=1e9, latency_s=1e-5)
     # 1000 B over 4 ranks: recursive doubling, 2 exchanges of the whole array
     assert tm.allreduce_time(link, 1000, 4) == pytest.approx(2 * 1e-5 + 2000 / 1e9)
     # 4 MiB: ring, 2*3 messages, 2*(3/4)*S bytes sent
@@ -110,7 +112,7 @@ def test_forward_time_tp_counts_the_ledgers_calls():
     t = tm.forward_time(m, DENSE, lay, 0, [3, 4], [0, 5], 4)
     # 2 all-reduces per layer + the embedding's, of 7 tokens * 64 * 4 B (small path)
     assert t["tp"] == pytest.approx(5 * tm.allreduce_time(m.intra, 7 * 64 * 4, 2))
-    prods = tm.products_time(m, cm.forward_matmuls(DENSE, lay, 0, 7).values(), 4)
+    prods = tm.products_time(m, wk.forward_matmuls(DENSE, lay, 0, 7).values(), 4)
     attn = 2 * (tm.attention_time(m, DENSE, lay, 3, 0, 4)
                 + tm.attention_time(m, DENSE, lay, 4, 5, 4))
     assert t["products"] == pytest.approx(prods) and t["attention"] == pytest.approx(attn)
@@ -161,29 +163,29 @@ def test_machine_at_uses_figures_of_busy_ranks():
     d = {"name": "x", "matmul_flops": {"1": 10.0}, "mem_read_Bps": 5.0,
          "intra_node": {"bandwidth_Bps": 1, "latency_s": 0},
          "by_ranks": {"2": {"mem_read_Bps": 3.0}}}
-    m = tm.machine_from_dict(d)
+    m = mc.machine_from_dict(d)
     assert m.at(1).mem_read_Bps == 5.0 and m.at(2).mem_read_Bps == 3.0
     assert m.at(4).mem_read_Bps == 3.0 and m.at(4).rate(1) == 10.0
 
 
 def test_machine_files_cite_every_published_figure():
     for name in ("h100-node", "h200-node"):
-        m = tm.load_machine(name)
-        with open(os.path.join(tm.MACHINES, name + ".json")) as f:
+        m = mc.load_machine(name)
+        with open(os.path.join(mc.MACHINES, name + ".json")) as f:
             d = json.load(f)
         for key in ("matmul_flops", "mem_read_Bps", "gpu_memory_gb",
                     "intra_node.bandwidth_Bps", "inter_node.bandwidth_Bps",
                     "intra_node.latency_s", "inter_node.latency_s"):
             assert key in d["sources"], (name, key)
         assert m.gpus_per_node == 8 and m.rate(1) == 989.4e12
-    assert tm.load_machine("h200-node").mem_read_Bps > tm.load_machine("h100-node").mem_read_Bps
+    assert mc.load_machine("h200-node").mem_read_Bps > mc.load_machine("h100-node").mem_read_Bps
     with pytest.raises(ValueError, match="known: "):
-        tm.load_machine("no-such-machine")
+        mc.load_machine("no-such-machine")
 
 
 def test_planner_ranking_small_case():
     # qwen3-30b-a3b (4 kv heads) on 8 H100s, layouts without EP
-    c, m = get_preset("qwen3-30b-a3b"), tm.load_machine("h100-node")
+    c, m = get_preset("qwen3-30b-a3b"), mc.load_machine("h100-node")
     rows = [r for r in pl.plan(c, 8, 80, 8) if r["ep"] == 1]
     by = {}
     for goal in ("ttft", "tpot", "throughput"):
@@ -210,7 +212,7 @@ def test_planner_seed_deployment():
     # Qwen3-235B-A22B on 16 H100s without EP: TP=8 x PP=2 reads the fewest weights per
     # decode step (lowest TPOT), but its replicated kv heads halve the batch, so by
     # throughput the seed's TP=4 x PP=4 comes first
-    c, m = get_preset("qwen3-235b-a22b"), tm.load_machine("h100-node")
+    c, m = get_preset("qwen3-235b-a22b"), mc.load_machine("h100-node")
     rows = [r for r in pl.plan(c, 16, 80, 8) if r["ep"] == 1]
     tput = pl.add_times([dict(r) for r in rows], c, m, 2048, 1, 256, "bf16")
     tpot = pl.add_times([dict(r) for r in rows], c, m, 2048, 1, 256, "bf16",
@@ -223,7 +225,7 @@ def test_planner_seed_deployment():
 
 
 def _plan_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mpipar.plan", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mpipar.cost.plan", *args], capture_output=True,
                           text=True, timeout=120, env=clean_env())
 
 
@@ -273,3 +275,12 @@ def test_benchkit_link_between_ranks():
         assert res["bandwidth_Bps"] > 1e6 and 0 <= res["latency_s"] < res["small_s"] + 1e-12
     else:
         assert res is None
+
+
+def test_placement_rule_is_the_schedulers():
+    from mpipar.layout import least_loaded_replica, offline_replicas
+    # fewest unfinished requests, the lowest index on ties (serve/scheduler.py's rule)
+    assert least_loaded_replica([2, 1, 1]) == 1 and least_loaded_replica([0]) == 0
+    # all at t=0 on empty replicas: request i on replica i % dp
+    assert offline_replicas(7, 3) == [i % 3 for i in range(7)]
+    assert [tm.replica_batch(b, 3) for b in (0, 1, 3, 4, 7)] == [0, 1, 1, 2, 3]

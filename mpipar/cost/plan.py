@@ -1,8 +1,8 @@
 """Deployment planner: every valid (tp, pp, dp, ep) for a model on G GPUs, ranked.
 
-    python -m mpipar.plan --model qwen3-235b-a22b --gpus 16 --gpu-mem-gb 80 \\
+    python -m mpipar.cost.plan --model qwen3-235b-a22b --gpus 16 --gpu-mem-gb 80 \\
         --gpus-per-node 8 [--dtype bf16] [--reserve-gb 0] [--json out.json]
-    python -m mpipar.plan --model qwen3-235b-a22b --gpus 16 --machine h100-node \\
+    python -m mpipar.cost.plan --model qwen3-235b-a22b --gpus 16 --machine h100-node \\
         [--prompt-len 2048 --batch 1 --new-tokens 256 --optimise throughput]
 
 ``--model``: a preset name (mpipar.model.config.PRESETS) or a config.json / model folder.
@@ -10,12 +10,13 @@
 Valid layouts: tp*pp*dp = G and those ``parallel.shard.check_layout`` accepts (tp divides
 the query heads; kv heads and tp, one divides the other; pp <= layers; ep divides tp*dp
 and the expert count, ep = 1 for dense models). For each, per GPU (the fullest stage;
-mpipar.costmodel): weight GB, free GB = gpu_mem - weights - reserve, KV-cache bytes per
+memory.py, traffic.py): weight GB, free GB = gpu_mem - weights - reserve, KV-cache bytes per
 token, the tokens of KV cache that fit (per DP replica: min over stages of free / kv-per-
 token), and the seed's communication bytes per token (sent + received, per token of the
 GPU's own DP replica, busiest stage) for tp all-reduce, pp send/recv and ep all-to-all.
 
-Ranking (lexicographic, printed with the table):
+Ranking (lexicographic, printed with the table; ``RANKING`` holds each rule's words and
+its sort key together, so the printed rule and the sort cannot drift apart):
   1. fits (free > 0 on every stage);
   2. TP inside a node (no TP group spans two nodes: NVLink, not the network);
   3. no kv-head duplication (tp <= kv heads: no KV cache memory spent on copies);
@@ -23,9 +24,9 @@ Ranking (lexicographic, printed with the table):
      not cut it -- the seed's argument for TP);
   5. fewer communication bytes per token per GPU;
   6. more KV-cache tokens in total (dp * per replica); then smaller pp, dp, ep.
-With ``--machine`` (a name in mpipar/machines/ or a JSON file; its GPU memory and GPUs
+With ``--machine`` (a name in mpipar/cost/machines/ or a JSON file; its GPU memory and GPUs
 per node are the defaults) each fitting layout also gets the time model's figures
-(mpipar.timemodel.layout_times): the largest batch per replica whose KV cache (prompt +
+(time.layout_times): the largest batch per replica whose KV cache (prompt +
 new tokens) fits, TTFT of ``--batch`` prompts (best chunk count), TPOT at ``--batch``,
 and decode tokens/s at the largest batch; the rows are then ranked by ``--optimise``
 (ttft, tpot: smaller first; throughput: larger first), RULE breaking ties.
@@ -41,13 +42,24 @@ import json
 import os
 import sys
 
-from . import costmodel as cm
-from .layout import Layout, LayoutError
-from .parallel.shard import check_layout
+from ..comm.dtypes import FLOAT_DTYPES, dtype_size
+from ..layout import Layout, LayoutError
+from ..parallel.shard import check_layout, kv_heads_per_rank, kv_replication, stage_layers
+from .memory import kv_cache_bytes_per_token, param_counts, rank_params, weight_bytes_per_rank
+from .traffic import comm_per_token
 
 GB = 1e9
-RULE = ("fits > TP inside a node > no kv-head duplication > larger tp > fewer comm bytes "
-        "per token per GPU > more KV tokens (total) > smaller pp, dp, ep")
+# The ranking rule: (its words, its sort key; smaller sorts first), best first.
+RANKING = (
+    ("fits", lambda r: not r["fits"]),
+    ("TP inside a node", lambda r: r["tp_crosses_nodes"]),
+    ("no kv-head duplication", lambda r: r["kv_dup"] > 1),
+    ("larger tp", lambda r: -r["tp"]),
+    ("fewer comm bytes per token per GPU", lambda r: r["comm_bytes_per_token"]["total"]),
+    ("more KV tokens (total)", lambda r: -r["kv_tokens_total"]),
+    ("smaller pp, dp, ep", lambda r: (r["pp"], r["dp"], r["ep"])),
+)
+RULE = " > ".join(words for words, _ in RANKING)
 
 
 def _divisors(n: int) -> list[int]:
@@ -76,22 +88,22 @@ def layouts(config, gpus: int):
 def evaluate(config, layout, gpu_mem_gb: float, gpus_per_node: int, dtype="bf16",
              reserve_gb: float = 0.0) -> dict:
     """One row of the plan (all numbers per GPU; bytes are exact integers or floats)."""
-    b = cm.dtype_size(dtype)
+    b = dtype_size(dtype)
     cap = gpu_mem_gb * GB - reserve_gb * GB
     weights, frees, tokens, comms = [], [], [], []
     for s in range(layout.pp):
-        w = cm.weight_bytes_per_rank(config, layout, b, stage=s)
-        kv = cm.kv_cache_bytes_per_token(config, layout, b, stage=s)
+        w = weight_bytes_per_rank(config, layout, b, stage=s)
+        kv = kv_cache_bytes_per_token(config, layout, b, stage=s)
         weights.append(w)
         frees.append(cap - w)
         tokens.append(max(int((cap - w) // kv), 0))
-        comms.append(cm.comm_per_token(config, layout, b, s))
+        comms.append(comm_per_token(config, layout, b, s))
     busiest = max(range(layout.pp), key=lambda s: sum(t.total for t in comms[s].values()))
     comm = {k: t.total for k, t in comms[busiest].items()}
-    dup = cm.kv_duplication_factor(config, layout.tp)
+    dup = kv_replication(config, layout.tp)
     row = dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, ep=layout.ep,
                weight_gb=max(weights) / GB, free_gb=min(frees) / GB,
-               kv_bytes_per_token=cm.kv_cache_bytes_per_token(config, layout, b),
+               kv_bytes_per_token=kv_cache_bytes_per_token(config, layout, b),
                kv_tokens=min(tokens), kv_tokens_total=layout.dp * min(tokens),
                comm_bytes_per_token={**comm, "total": sum(comm.values())},
                busiest_stage=busiest, kv_dup=dup,
@@ -113,10 +125,8 @@ def evaluate(config, layout, gpu_mem_gb: float, gpus_per_node: int, dtype="bf16"
 
 
 def rank_key(row: dict) -> tuple:
-    """Sort key of RULE (smaller sorts first)."""
-    return (not row["fits"], row["tp_crosses_nodes"], row["kv_dup"] > 1, -row["tp"],
-            row["comm_bytes_per_token"]["total"], -row["kv_tokens_total"],
-            row["pp"], row["dp"], row["ep"])
+    """Sort key of RULE (smaller sorts first): the keys of ``RANKING`` in turn."""
+    return tuple(key(row) for _, key in RANKING)
 
 
 def plan(config, gpus: int, gpu_mem_gb: float, gpus_per_node: int, dtype="bf16",
@@ -135,14 +145,14 @@ OBJECTIVES = {"ttft": ("ttft_s", 1), "tpot": ("tpot_s", 1), "throughput": ("toke
 def add_times(rows: list[dict], config, machine, prompt_len: int, batch: int,
               new_tokens: int, dtype="bf16", chunks: int = 0,
               optimise: str = "throughput", ep_imbalance: float = 1.0) -> list[dict]:
-    """Time columns for the rows that fit (timemodel.layout_times), re-ranked by
+    """Time columns for the rows that fit (time.layout_times), re-ranked by
     ``optimise``; rows that do not fit keep their RULE order at the end."""
-    from . import timemodel as tm
-    b = cm.dtype_size(dtype)
+    from .time import layout_times
+    b = dtype_size(dtype)
     for r in rows:
         if r["fits"]:
             lay = Layout(tp=r["tp"], pp=r["pp"], dp=r["dp"], ep=r["ep"])
-            r.update(tm.layout_times(machine, config, lay, r["kv_tokens"], prompt_len,
+            r.update(layout_times(machine, config, lay, r["kv_tokens"], prompt_len,
                                      batch, new_tokens, b, chunks, ep_imbalance))
     key, sign = OBJECTIVES[optimise]
     rows = sorted(rows, key=lambda r: (not r["fits"], sign * r.get(key, 0), rank_key(r)))
@@ -175,8 +185,8 @@ def _fmt_bytes(x: float) -> str:
 
 def summary(config, gpus: int, gpu_mem_gb: float, dtype="bf16") -> list[str]:
     """Header lines: parameter counts, the seed's even-split arithmetic, units."""
-    b = cm.dtype_size(dtype)
-    p = cm.param_counts(config)
+    b = dtype_size(dtype)
+    p = param_counts(config)
     nominal = round(p.total / 1e9)
     even = p.total * b / gpus / GB
     seed = (f"nominal {nominal}e9: {gpu_mem_gb:g} - {nominal}*{b}/{gpus} = "
@@ -217,21 +227,22 @@ def format_table(rows: list[dict]) -> str:
 
 def explain(config, layout, dtype="bf16") -> list[str]:
     """Per-component parameters of the fullest rank of each stage, and what is replicated."""
-    b = cm.dtype_size(dtype)
+    b = dtype_size(dtype)
     comps = ("attention", "norms", "dense_mlp", "router", "experts", "embedding", "lm_head")
     lines = [f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} ep={layout.ep}: "
              "parameters per GPU (fullest tp rank of each stage)",
              f"{'stage':>5} {'layers':>7} " + " ".join(f"{k:>13}" for k in comps)
              + f" {'GB':>8}"]
-    for s, rng in enumerate(cm.stage_layers(config.num_layers, layout.pp)):
-        p = cm.rank_params(config, layout, s)
+    for s, rng in enumerate(stage_layers(config.num_layers, layout.pp)):
+        p = rank_params(config, layout, s)
         lines.append(f"{s:>5} {f'{rng.start}-{rng.stop - 1}':>7} "
                      + " ".join(f"{p[k]:>13,}" for k in comps)
                      + f" {sum(p.values()) * b / GB:>8.3f}")
-    dup = cm.kv_duplication_factor(config, layout.tp)
-    first = len(cm.stage_layers(config.num_layers, layout.pp)[0])
-    extra = first * 2 * config.hidden_size * config.head_dim * (1 - config.num_kv_heads
-                                                                / layout.tp) if dup > 1 else 0
+    dup = kv_replication(config, layout.tp)
+    first = len(stage_layers(config.num_layers, layout.pp)[0])
+    # k, v params of stage 0 beyond an even 1/tp split of the kv heads (0 without dup)
+    extra = first * 2 * config.hidden_size * config.head_dim * (
+        kv_heads_per_rank(config, layout.tp) - config.num_kv_heads / layout.tp)
     lines.append(f"replicated on every rank: norms, q/k norms, router; kv heads: each on {dup} "
                  f"rank(s) (+{extra:,.0f} params = {extra * b / GB:.3f} GB on stage 0 over a "
                  "1/tp split)")
@@ -240,11 +251,11 @@ def explain(config, layout, dtype="bf16") -> list[str]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
-        self.exit(2, f"mpipar.plan: error: {message}\n")
+        self.exit(2, f"mpipar.cost.plan: error: {message}\n")
 
 
 def _load_model(arg: str):
-    from .model.config import PRESETS, ConfigError, get_preset, load_config
+    from ..model.config import PRESETS, ConfigError, get_preset, load_config
     if arg in PRESETS:
         return get_preset(arg)
     if os.path.exists(arg):
@@ -254,14 +265,14 @@ def _load_model(arg: str):
 
 
 def main(argv=None) -> int:
-    ap = _Parser(prog="python -m mpipar.plan",
+    ap = _Parser(prog="python -m mpipar.cost.plan",
                  description="Rank every (tp, pp, dp, ep) layout of a model on a GPU count.")
     ap.add_argument("--model", required=True, help="preset name or path to config.json")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, help="per GPU, 1e9 bytes (default: the "
                     "machine's, else 80)")
     ap.add_argument("--gpus-per-node", type=int, help="default: the machine's, else 8")
-    ap.add_argument("--machine", help="machine name (mpipar/machines/) or JSON file: adds "
+    ap.add_argument("--machine", help="machine name (mpipar/cost/machines/) or JSON file: adds "
                     "TTFT, TPOT, tokens/s and ranks by --optimise")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1, help="sequences for TTFT and TPOT")
@@ -274,8 +285,7 @@ def main(argv=None) -> int:
                     help="rows of the most loaded EP rank / the mean (1: uniform routing)")
     ap.add_argument("--max-ep", type=int, default=0,
                     help="only layouts with ep <= this (0: all); 1: TP/PP/DP only")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "bfloat16",
-                                                          "float16", "float32"])
+    ap.add_argument("--dtype", default="bf16", choices=list(FLOAT_DTYPES))
     ap.add_argument("--reserve-gb", type=float, default=0.0,
                     help="per GPU, kept for activations/workspace (the seed keeps 0)")
     ap.add_argument("--top", type=int, default=0, help="print only the first N rows")
@@ -285,7 +295,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     machine = None
     if a.machine:
-        from .timemodel import load_machine
+        from .machine import load_machine
         try:
             machine = load_machine(a.machine)
         except (ValueError, KeyError, OSError) as e:
@@ -315,7 +325,7 @@ def main(argv=None) -> int:
             lay = Layout(*(int(x) for x in a.explain.split(",")))
             if lay.world != a.gpus:
                 raise ValueError(f"tp*pp*dp = {lay.world}, not --gpus {a.gpus}")
-            cm.rank_params(config, lay, 0)
+            rank_params(config, lay, 0)
         except (ValueError, TypeError) as e:
             ap.error(f"--explain {a.explain!r}: {e}")
     rows = plan(config, a.gpus, a.gpu_mem_gb, a.gpus_per_node, a.dtype, a.reserve_gb)
@@ -342,7 +352,7 @@ def main(argv=None) -> int:
     if a.json:
         doc = dict(model=config.name, gpus=a.gpus, gpu_mem_gb=a.gpu_mem_gb,
                    gpus_per_node=a.gpus_per_node, dtype=a.dtype, reserve_gb=a.reserve_gb,
-                   params=cm.param_counts(config).total, rule=RULE, rows=rows,
+                   params=param_counts(config).total, rule=RULE, rows=rows,
                    machine=a.machine, optimise=a.optimise if machine else None)
         try:
             with open(a.json, "w", encoding="utf-8") as f:

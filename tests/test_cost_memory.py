@@ -1,16 +1,17 @@
-"""mpipar.costmodel against hand arithmetic (written out below) and direct simulations.
+"""mpipar.cost.memory (and the dtype table) against hand arithmetic (written out below).
 
 Pure functions: every rank runs the same checks (any world size).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from mpipar import costmodel as cm
+from mpipar.comm.dtypes import dtype_size
+from mpipar.cost import memory as cm
 from mpipar.layout import Layout
 from mpipar.model.config import ModelConfig, get_preset
+from mpipar.parallel.shard import kv_heads_per_rank, kv_replication, stage_layers
 
 # Small dense model: V=100, h=12, L=5, H=4, KV=2, d=6, I=20, untied.
 DENSE = ModelConfig(vocab_size=100, hidden_size=12, num_layers=5, num_heads=4,
@@ -29,7 +30,7 @@ def test_param_counts_small_dense():
     assert p.dense_mlp == 3 * 12 * 20 == 720
     # layer: 876 + 720 + norms 24 = 1620; 5 layers = 8100; emb 1200 + head 1200 + norm 12
     assert p.per_layer == (1620,) * 5
-    assert p.total == 8100 + 1200 + 1200 + 12 == 10512 == DENSE.num_params()
+    assert p.total == 8100 + 1200 + 1200 + 12 == 10512 == cm.param_counts(DENSE).total
     assert p.active == p.total and p.non_embedding == 8112
 
 
@@ -40,9 +41,9 @@ def test_param_counts_small_moe():
     assert (p.attention, p.expert, p.router) == (392, 120, 48)
     assert p.per_layer == (1176, 792, 1176)
     assert p.experts == 2 * 6 * 120
-    assert p.total == 2 * 1176 + 792 + 2 * 50 * 8 + 8 == 3952 == MOE.num_params()
+    assert p.total == 2 * 1176 + 792 + 2 * 50 * 8 + 8 == 3952 == cm.param_counts(MOE).total
     # active: 4 of the 6 experts idle in each of the 2 MoE layers: 3952 - 2*4*120 = 2992
-    assert p.active == 2992 == MOE.num_params(active=True)
+    assert p.active == 2992 == cm.param_counts(MOE).active
 
 
 def test_param_counts_presets():
@@ -57,21 +58,17 @@ def test_param_counts_presets():
     assert (p.total, p.active) == (235_093_634_560, 22_190_763_520)
     p = cm.param_counts(get_preset("qwen3-30b-a3b"))
     assert abs(p.total / 30.5e9 - 1) < 0.01 and abs(p.active / 3.3e9 - 1) < 0.02
-    for name in ("qwen3-0.6b", "qwen3-30b-a3b", "qwen3-235b-a22b", "builtin-moe"):
-        c = get_preset(name)
-        p = cm.param_counts(c)
-        assert (p.total, p.active) == (c.num_params(), c.num_params(active=True))
 
 
 def test_stage_layers():
-    assert [len(r) for r in cm.stage_layers(94, 4)] == [24, 24, 23, 23]
-    assert cm.stage_layers(5, 2) == [range(0, 3), range(3, 5)]
-    assert cm.stage_layers(4, 4) == [range(i, i + 1) for i in range(4)]
+    assert [len(r) for r in stage_layers(94, 4)] == [24, 24, 23, 23]
+    assert stage_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert stage_layers(4, 4) == [range(i, i + 1) for i in range(4)]
     for L, p in ((94, 4), (7, 3), (16, 16), (3, 1)):
-        rs = cm.stage_layers(L, p)
+        rs = stage_layers(L, p)
         assert [i for r in rs for i in r] == list(range(L))
     with pytest.raises(ValueError, match="pp=5"):
-        cm.stage_layers(4, 5)
+        stage_layers(4, 5)
 
 
 def test_weights_small_dense():
@@ -115,14 +112,14 @@ def test_kv_cache_and_duplication():
     assert cm.kv_cache_bytes_per_token(DENSE, Layout(tp=2), "bf16") == 120
     assert cm.kv_cache_bytes_per_token(DENSE, Layout(tp=4), "bf16") == 120  # 1 head, replicated
     assert cm.kv_cache_bytes_per_token(DENSE, Layout(tp=4, pp=2), "bf16", stage=1) == 48
-    assert [cm.kv_duplication_factor(DENSE, t) for t in (1, 2, 4)] == [1, 1, 2]
+    assert [kv_replication(DENSE, t) for t in (1, 2, 4)] == [1, 1, 2]
     # across a TP group the cache costs dup times the unsplit one
     for t in (1, 2, 4):
         total = t * cm.kv_cache_bytes_per_token(DENSE, Layout(tp=t), 2)
-        assert total == cm.kv_duplication_factor(DENSE, t) * 240
-    assert cm.kv_duplication_factor(Q235, 8) == 2 and cm.kv_duplication_factor(Q235, 16) == 4
+        assert total == kv_replication(DENSE, t) * 240
+    assert kv_replication(Q235, 8) == 2 and kv_replication(Q235, 16) == 4
     with pytest.raises(ValueError, match="neither divides"):
-        cm.kv_heads_per_rank(ModelConfig(vocab_size=8, hidden_size=8, num_layers=1,
+        kv_heads_per_rank(ModelConfig(vocab_size=8, hidden_size=8, num_layers=1,
                                          num_heads=6, num_kv_heads=3, head_dim=2,
                                          intermediate_size=8), 2)
 
@@ -157,92 +154,23 @@ def test_235b_on_16_gpus_tp4_pp4():
     assert kv == 24 * 2 * 1 * 128 * 2 == 12288
 
 
-def test_comm_formulas():
-    assert cm.allreduce_bytes_seed(1000, 4) == 1500  # 2*3/4*1000
-    assert cm.allreduce_bytes_seed(1000, 1) == 0
-    assert cm.allgather_bytes_seed(1000, 4) == 750
-    # TP, k=24 layers, n=4, h=4096, bf16: sent+recv = 8k(n-1)h/n elements * 2 bytes
-    t = cm.tp_bytes_per_token(4096, 4, 24, "bf16")
-    assert t.sent == t.recv == 2 * 24 * 1.5 * 4096 * 2
-    assert t.total == 8 * 24 * 3 * 4096 / 4 * 2 == 1_179_648
-    # PP, m=4 stages: (m-1)*h per token for the pipeline, h in/out per middle stage
-    assert cm.pp_bytes_per_token(4096, 4, 2) == (3 * 8192, 3 * 8192)
-    assert [cm.pp_bytes_per_token(4096, 4, 2, s) for s in range(4)] == [
-        (8192, 0), (8192, 8192), (8192, 8192), (0, 8192)]
-    # EP: seed top_k*h/l = 8*4096*2/4 = 16384 bytes; expected off-rank (l-1)/l of it
-    assert cm.ep_bytes_per_token_seed(8, 4096, 4, 2) == (16384, 16384)
-    assert cm.ep_bytes_per_token_expected(8, 4096, 4, 2) == (12288, 12288)
-    assert cm.ep_bytes_per_token_seed(8, 4096, 1, 2) == (0, 0)
-    assert cm.ep_bytes_per_token_expected(8, 4096, 1, 2) == (0, 0)
-    assert cm.Traffic(1, 2) + cm.Traffic(3, 4) == (4, 6)
-
-
-def test_comm_per_token_layouts():
-    # 235B, tp=4 pp=4 stage 0 (24 layers): 2 all-reduces per layer; middle stage pp 2h*b
-    d = cm.comm_per_token(Q235, Layout(tp=4, pp=4), "bf16", 1)
-    assert d["tp"].total == 1_179_648 and d["pp"].total == 16384 and d["ep"].total == 0
-    # ep=4 = tp: attention all-reduce 24576 + share all-gather 2*(3/4)*8192 = 12288 per layer;
-    # all-to-all: dispatch + combine, each 16384 sent and 16384 received, per layer
-    d = cm.comm_per_token(Q235, Layout(tp=4, pp=4, ep=4), "bf16", 0)
-    assert d["tp"].total == 24 * (24576 + 12288)
-    assert d["ep"].total == 24 * 2 * 2 * 16384
-    # tp=1, dp=4, ep=4: per token of a replica the rank dispatches all its tokens: k*h*b
-    d = cm.comm_per_token(MOE, Layout(dp=4, ep=2), 4, 0)
-    assert d["tp"].total == 0 and d["ep"].sent == 2 * 2 * 2 * 8 * 4  # 2 MoE layers
-
-
-def test_ep_alltoall_bytes_random_counts():
-    rng = np.random.default_rng(7)
-    h, b = 13, 2
-    for n in (2, 3, 5):
-        counts = rng.integers(0, 9, size=(n, n))
-        for r in range(n):
-            got = cm.ep_alltoall_bytes(counts.tolist(), r, h, b)
-            off = counts * (1 - np.eye(n, dtype=int))  # rows that leave their rank
-            assert got["dispatch"] == (off[r].sum() * h * b, off[:, r].sum() * h * b)
-            assert got["combine"] == (off[:, r].sum() * h * b, off[r].sum() * h * b)
-
-
-def test_ep_uniform_routing_matches_expectation():
-    # Simulate: l ranks, T tokens per rank, each token picks k distinct experts of E
-    # uniformly; experts e live on rank e // (E/l). Compare bytes per group token per rank.
-    rng = np.random.default_rng(11)
-    l, E, k, h, b, T = 4, 16, 3, 10, 2, 4000
-    counts = np.zeros((l, l), dtype=np.int64)
-    for src in range(l):
-        picks = np.argsort(rng.random((T, E)), axis=1)[:, :k]  # [T, k] distinct experts
-        np.add.at(counts[src], picks.ravel() // (E // l), 1)
-    group_tokens = l * T
-    sent = np.mean([cm.ep_alltoall_bytes(counts, r, h, b)["dispatch"].sent for r in range(l)])
-    expected = cm.ep_bytes_per_token_expected(k, h, l, b).sent * group_tokens
-    assert abs(sent / expected - 1) < 0.02
-    with_self = counts.sum(axis=1).mean() * h * b  # rows incl. those kept at home
-    assert with_self == cm.ep_bytes_per_token_seed(k, h, l, b).sent * group_tokens
-
-
-def test_exact_allreduce_matches_seed():
-    for n, elems, item in ((4, 4 * 25_013, 4), (3, 3 * 40_001, 2), (2, 2 * 60_000, 2)):
-        for r in range(n):
-            t = cm.exact_allreduce_sent(elems, item, n, r)
-            assert t.sent == t.recv == cm.allreduce_bytes_seed(elems * item, n)
-    # odd sizes: chunk rounding moves a few elements between ranks, but over the ring each
-    # of n chunks is sent n-1 times in reduce-scatter and n-1 times in all-gather
-    for n, elems, item in ((4, 100_003, 4), (3, 120_001, 2)):
-        ts = [cm.exact_allreduce_sent(elems, item, n, r) for r in range(n)]
-        assert sum(t.sent for t in ts) == sum(t.recv for t in ts) == 2 * (n - 1) * elems * item
-        seed = cm.allreduce_bytes_seed(elems * item, n)
-        assert all(abs(t.sent - seed) <= 2 * (n - 1) * item for t in ts)
-    # "auto" = what ring_allreduce does: big messages go round the ring; small ones (one
-    # decode token) by recursive doubling: n=4 -> 2 exchanges of the whole S per rank
-    from mpipar.comm.ring import RECURSIVE_DOUBLING_MAX_BYTES
-    big = RECURSIVE_DOUBLING_MAX_BYTES // 2 + 2
-    assert cm.exact_allreduce_sent(big, 4, 4, 1, "auto") == cm.exact_allreduce_sent(big, 4, 4, 1)
-    assert cm.exact_allreduce_sent(4096, 2, 4, 1, "auto") == (2 * 8192, 2 * 8192)
-    assert cm.exact_allreduce_sent(4096, 2, 4, 1) == (12288, 12288)
-
-
 def test_dtype_size():
-    assert [cm.dtype_size(x) for x in ("bf16", "float16", "fp32", "BFLOAT16", 2)] == [
+    assert [dtype_size(x) for x in ("bf16", "float16", "fp32", "BFLOAT16", 2)] == [
         2, 2, 4, 2, 2]
     with pytest.raises(ValueError, match="int8"):
-        cm.dtype_size("int8")
+        dtype_size("int8")
+
+
+def test_one_kv_formula_and_one_dtype_table():
+    # the cache per token, the handoff and attention's read are one formula
+    assert cm.kv_bytes(5, 2, 6, 1, "bf16") == 240 == cm.kv_cache_bytes_per_token(
+        DENSE, Layout(), "bf16")
+    assert cm.kv_bytes(94, 4, 128, 37, 2) == 2 * 94 * 4 * 128 * 37 * 2
+    from mpipar.backend import COMPUTE_DTYPES, compute_dtype
+    from mpipar.comm.dtypes import FLOAT_NAMES, float_dtype
+    from mpipar.model import config
+    assert COMPUTE_DTYPES == ("auto", "float32", "bfloat16", "float16")
+    assert set(config.DTYPES) == set(FLOAT_NAMES)
+    for name in FLOAT_NAMES:
+        assert compute_dtype(name, None) == float_dtype(name)
+        assert dtype_size(name) == float_dtype(name).itemsize

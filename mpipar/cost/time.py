@@ -1,132 +1,53 @@
 """Time model: seconds of a forward, TTFT, TPOT and decode throughput of a layout.
 
-Inputs: the work of one forward (``costmodel.forward_matmuls``, ``attention_work``), the
-exact bytes each rank sends (``parallel.predict.predict_rank``, the ledger's own
-prediction) and a machine (``Machine``: mpipar/machines/*.json, or this machine as
-``mpipar.benchkit.machine_figures`` measures it). One rank of stage s, a forward of N
-tokens (its DP replica's):
+Inputs: the work of one forward (``work.forward_matmuls``, ``work.attention_work``), the
+exact bytes each rank sends (``traffic.predict_rank``, the ledger's own prediction, with
+the EP rows of ``traffic.ep_rows_sent_away``) and a machine (``machine.Machine``:
+machines/*.json, or this machine as ``mpipar.benchkit.machine_figures`` measures it).
+One rank of stage s, a forward of N tokens (its DP replica's):
 
   products   each (M rows, P weights): max(2*M*P / rate(M), P*b / read_bw) -- compute
              or weight read, whichever is slower (rate(M): the machine's matrix rate at
              M rows; a published machine has one peak rate for every M)
   attention  per sequence and layer: max(FLOPs / rate(rows), KV bytes / read_bw)
   all-reduce one of S bytes over n ranks (``comm.ring``): the ring sends 2(n-1) messages
-             of S/n, recursive doubling (S <= SMALL_MAX_BYTES) log2(n) of S; time =
-             messages * latency + bytes sent / bandwidth of the TP link (intra-node
-             when the group is inside a node)
+             of S/n, recursive doubling (S <= ``comm.ring.RECURSIVE_DOUBLING_MAX_BYTES``)
+             log2(n) of S; time = messages * latency + bytes sent / bandwidth of the TP
+             link (intra-node when the group is inside a node)
   EP         per MoE layer a count exchange and two Alltoallv of the predicted rows
              (each posts all its messages at once): 3 latencies + bytes / link;
              the layer waits for the busiest rank: its expected most hit experts
-             (``costmodel.experts_hit_busiest``) with rows * ``ep_imbalance``
+             (``work.experts_hit_busiest``) with rows * ``ep_imbalance``
   PP         a boundary carries N*h*b: latency + bytes / link (inter-node when the two
              stages sit on different nodes)
 
 A stage's forward is the sum of its products, attention and collectives (a stage waits
-for its all-reduces). Prefill in K chunks over P stages: chunk c finishes on stage s at
+for its all-reduces). Requests go to DP replicas by the placement rule
+(``layout.offline_replicas``: all arrive at t=0); a replica's batch is its share.
+Prefill in K chunks over P stages: chunk c finishes on stage s at
 F[s][c] = max(F[s-1][c] + send, F[s][c-1]) + t[s][c]; TTFT = F[P-1][K-1] + the head's
 logits of the last token. A decode step runs the stages in turn: TPOT = sum_s t[s] +
 sends + the token ids back to stage 0. Throughput at the largest batch B the KV memory
 allows keeps the pipeline full with P micro-batches of B/P: step = max(P * max_s t_s,
 one micro-batch's round trip); tokens/s = dp * B / step.
 
-Where ranks share a machine's memory (this 2-core VM), the figures depend on how many
-ranks work at once (``Machine.at``): a decode step or an unchunked prefill keeps one
-stage's tp*dp ranks busy, chunks or micro-batches all of them.
+Where ranks share a machine's memory, the figures depend on how many ranks work at once
+(``Machine.at``): a decode step or an unchunked prefill keeps one stage's tp*dp ranks
+busy, chunks or micro-batches all of them.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import Counter
-from dataclasses import dataclass, field
 
-from . import costmodel as cm
-from .comm import ring
-from .parallel.predict import predict_rank
-from .parallel.shard import split
-
-MACHINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "machines")
-
-
-@dataclass(frozen=True)
-class Link:
-    bandwidth_Bps: float
-    latency_s: float
-
-    def message(self, nbytes: float, messages: float = 1) -> float:
-        return messages * self.latency_s + nbytes / self.bandwidth_Bps
-
-
-@dataclass(frozen=True)
-class Machine:
-    name: str
-    matmul_flops: dict  # {rows M: FLOP/s}; one entry {0: peak} = the same rate for all M
-    mem_read_Bps: float
-    intra: Link
-    inter: Link
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0
-    sources: dict = field(default_factory=dict, compare=False)
-    by_ranks: dict = field(default_factory=dict, compare=False)
-    description: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def at(self, busy: int) -> Machine:
-        """The figures for ``busy`` ranks working at once (``by_ranks``, the largest
-        count <= busy); a machine without such figures is the same at any count."""
-        keys = [k for k in self.by_ranks if k <= busy]
-        if not keys:
-            return self
-        d = {k: v for k, v in self.description.items() if k != "by_ranks"}
-        return machine_from_dict({**d, **self.by_ranks[max(keys)]})
-
-    def rate(self, rows: float) -> float:
-        """Matrix rate at M rows: log-log interpolation of the measured points."""
-        pts = sorted((int(m), float(r)) for m, r in self.matmul_flops.items())
-        if len(pts) == 1 or rows <= pts[0][0]:
-            return pts[0][1]
-        for (m0, r0), (m1, r1) in zip(pts, pts[1:], strict=False):
-            if rows <= m1:
-                f = math.log(rows / m0) / math.log(m1 / m0)
-                return math.exp(math.log(r0) + f * (math.log(r1) - math.log(r0)))
-        return pts[-1][1]
-
-
-def machine_from_dict(d: dict) -> Machine:
-    """A machine description (mpipar/machines/*.json). Its optional ``by_ranks``
-    ({"2": {figures}}: measured with that many ranks busy at once, which matters where
-    ranks share memory bandwidth) is kept for ``Machine.at``."""
-    d = dict(d)
-    flops = d["matmul_flops"]
-    flops = {int(k): float(v) for k, v in flops.items()} if isinstance(flops, dict) \
-        else {0: float(flops)}
-
-    def link(x):
-        return Link(float(x["bandwidth_Bps"]), float(x["latency_s"]))
-    return Machine(name=d["name"], matmul_flops=flops, mem_read_Bps=float(d["mem_read_Bps"]),
-                   intra=link(d["intra_node"]), inter=link(d.get("inter_node",
-                                                                 d["intra_node"])),
-                   gpus_per_node=int(d.get("gpus_per_node", 8)),
-                   gpu_memory_gb=float(d.get("gpu_memory_gb", 80.0)),
-                   sources=d.get("sources", {}),
-                   by_ranks={int(k): v for k, v in d.get("by_ranks", {}).items()},
-                   description=d)
-
-
-def machine_names() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(MACHINES) if f.endswith(".json"))
-
-
-def load_machine(name_or_path: str) -> Machine:
-    """A name in mpipar/machines/ (``h100-node``) or a path to such a JSON file."""
-    path = name_or_path if name_or_path.endswith(".json") else \
-        os.path.join(MACHINES, name_or_path + ".json")
-    if not os.path.exists(path):
-        raise ValueError(f"machine {name_or_path!r}: no {path} (known: "
-                         f"{', '.join(machine_names())})")
-    with open(path, encoding="utf-8") as f:
-        return machine_from_dict(json.load(f))
+from ..comm import ring
+from ..layout import offline_replicas
+from ..parallel.shard import split, stage_layers
+from .machine import Link, Machine
+from .memory import rank_params
+from .traffic import ep_rows_sent_away, predict_rank
+from .work import attention_work, forward_matmuls
 
 
 # ---- pieces -------------------------------------------------------------------------
@@ -141,7 +62,7 @@ def attention_time(machine: Machine, config, layout, new: int, cached: int,
     """One sequence, one layer: max(FLOPs / rate(query rows), KV bytes / read bw)."""
     if new <= 0:
         return 0.0
-    flops, kv = cm.attention_work(config, layout, new, cached, itemsize)
+    flops, kv = attention_work(config, layout, new, cached, itemsize)
     return max(flops / machine.rate(new), kv / machine.mem_read_Bps)
 
 
@@ -179,8 +100,8 @@ def forward_time(machine: Machine, config, layout, stage: int, pieces: list, cac
     """Seconds of one stage's forward, by term. ``pieces[i]``: new tokens of sequence
     i (this replica's), ``cached[i]``: its tokens already in the KV cache."""
     n, h, t = sum(pieces), config.hidden_size, layout.tp
-    layers = cm.stage_layers(config.num_layers, layout.pp)[stage]
-    prods = cm.forward_matmuls(config, layout, stage, n, logit_rows)
+    layers = stage_layers(config.num_layers, layout.pp)[stage]
+    prods = forward_matmuls(config, layout, stage, n, logit_rows)
     if layout.ep > 1 and "experts" in prods:  # the EP step waits for the most loaded rank
         m, p, k = prods["experts"]
         prods["experts"] = (m * ep_imbalance, p, k)
@@ -194,10 +115,8 @@ def forward_time(machine: Machine, config, layout, stage: int, pieces: list, cac
         out["total"] = sum(out.values())
         return out
     # Communication: the ledger's own prediction of this forward's bytes per kind, with
-    # the rows EP sends away under uniform routing: a token goes once to each other rank
-    # holding one of its k experts, (l-1) * (1 - (1 - 1/l)^k) ranks on average.
-    e, k = layout.ep, config.num_experts_per_tok
-    rows = len(split(n, t, 0)) * (e - 1) * (1 - (1 - 1 / e) ** k)
+    # the rows EP sends away under uniform routing (each token once per rank it visits).
+    rows = ep_rows_sent_away(len(split(n, t, 0)), config.num_experts_per_tok, layout.ep)
     pred = predict_rank(config, layout, {
         "coords": {"tp": 0, "pp": stage, "ep": 0}, "layers": [layers.start, layers.stop],
         "forward_tokens": [n], "n_seqs": 0, "decode_steps": 0, "dtype": itemsize,
@@ -220,7 +139,7 @@ def forward_time(machine: Machine, config, layout, stage: int, pieces: list, cac
 def head_time(machine: Machine, config, layout, rows: int, itemsize: int) -> float:
     """Last stage: logits of ``rows`` rows on the vocab slice, and the argmax exchange
     (two ring all-gathers of ``rows`` values: 2(t-1) messages)."""
-    p = cm.rank_params(config, layout, layout.pp - 1)["lm_head"]
+    p = rank_params(config, layout, layout.pp - 1)["lm_head"]
     comm = tp_link(layout, machine).message(2 * rows * 12 * (layout.tp - 1),
                                             2 * (layout.tp - 1)) if layout.tp > 1 else 0.0
     return products_time(machine, [(rows, p, 1)], itemsize) + comm
@@ -235,8 +154,9 @@ def pp_send_time(machine: Machine, config, layout, stage: int, tokens: int,
 
 # ---- TTFT, TPOT, throughput -----------------------------------------------------------
 def replica_batch(batch: int, dp: int) -> int:
-    """Sequences of the fullest DP replica (prompt i goes to replica i % dp)."""
-    return len(range(0, batch, dp))
+    """Sequences of the fullest DP replica when ``batch`` requests arrive at once
+    (``layout.offline_replicas``, the placement rule)."""
+    return max(Counter(offline_replicas(batch, dp)).values(), default=0)
 
 
 def ttft(machine: Machine, config, layout, prompt_len: int, batch: int = 1, chunks: int = 1,
