@@ -284,11 +284,11 @@ def exact_allreduce_sent(n_elems: int, itemsize: int, n: int, rank: int,
     "ring" (default, the seed's algorithm): chunk rounding included, equal to
     ``allreduce_bytes_seed`` when n divides n_elems. "auto" / "recursive_doubling": what
     ``ring_allreduce(algorithm=...)`` really does -- messages up to
-    ``mpipar.comm.ring.RECURSIVE_DOUBLING_MAX_BYTES`` (one decode token's activation, e.g. 8 KB at
-    h=4096 bf16) go by recursive doubling, log2(n)*S per rank for n a power of two,
-    not 2(n-1)/n*S. Delegates to mpipar.comm.ring.
+    ``mpipar.comm.allreduce.RECURSIVE_DOUBLING_MAX_BYTES`` (one decode token's activation,
+    e.g. 8 KB at h=4096 bf16) go by recursive doubling, log2(n)*S per rank for n a power of two,
+    not 2(n-1)/n*S. Delegates to mpipar.comm.allreduce.
     """
-    from .comm.ring import allreduce_bytes
+    from .comm.allreduce import allreduce_bytes
     sent, recv = allreduce_bytes(n_elems, itemsize, n, rank, algorithm)
     return Traffic(sent, recv)
 

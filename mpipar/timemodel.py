@@ -3,14 +3,14 @@
 Inputs: the work of one forward (``costmodel.forward_matmuls``, ``attention_work``), the
 exact bytes each rank sends (``parallel.predict.predict_rank``, the ledger's own
 prediction) and a machine (``Machine``: mpipar/machines/*.json, or this machine as
-``mpipar.benchkit.machine_figures`` measures it). One rank of stage s, a forward of N
+``mpipar.bench.machine.machine_figures`` measures it). One rank of stage s, a forward of N
 tokens (its DP replica's):
 
   products   each (M rows, P weights): max(2*M*P / rate(M), P*b / read_bw) -- compute
              or weight read, whichever is slower (rate(M): the machine's matrix rate at
              M rows; a published machine has one peak rate for every M)
   attention  per sequence and layer: max(FLOPs / rate(rows), KV bytes / read_bw)
-  all-reduce one of S bytes over n ranks (``comm.ring``): the ring sends 2(n-1) messages
+  all-reduce one of S bytes over n ranks (``comm.allreduce``): the ring sends 2(n-1) messages
              of S/n, recursive doubling (S <= SMALL_MAX_BYTES) log2(n) of S; time =
              messages * latency + bytes sent / bandwidth of the TP link (intra-node
              when the group is inside a node)
@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from . import costmodel as cm
-from .comm import ring
+from .comm import allreduce as ring  # the picker: allreduce_bytes, _pick
 from .parallel.predict import predict_rank
 from .parallel.shard import split
 
@@ -146,7 +146,7 @@ def attention_time(machine: Machine, config, layout, new: int, cached: int,
 
 
 def allreduce_time(link: Link, nbytes: int, n: int) -> float:
-    """mpipar's all-reduce of ``nbytes`` over n ranks (comm/ring.py's choice of path)."""
+    """mpipar's all-reduce of ``nbytes`` over n ranks (comm/allreduce.py's choice of path)."""
     if n == 1 or nbytes == 0:
         return 0.0
     sent = ring.allreduce_bytes(nbytes, 1, n, 0)[0]

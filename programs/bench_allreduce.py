@@ -32,9 +32,9 @@ import numpy as np
 from mpi4py import MPI
 
 from mpipar import backend
+from mpipar.comm.allreduce import ring_allreduce
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
-from mpipar.comm.ring import ring_allreduce
 
 
 def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 20) -> float:

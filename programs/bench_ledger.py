@@ -42,7 +42,7 @@ HERE = os.path.abspath(__file__)
 SEED_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "ep_dispatch", "ep_combine")
 WHY = {
     "tp_allreduce": "ring 2(n-1)/n of [N,h]; != 1 through chunk rounding (n does not divide "
-                    "N*h), or below comm/ring.py's RECURSIVE_DOUBLING_MAX_BYTES, where "
+                    "N*h), or below comm/allreduce.py's RECURSIVE_DOUBLING_MAX_BYTES, where "
                     "recursive doubling sends log2(n)*S instead of 2(n-1)/n*S: the same at "
                     "n = 2, 1.33x at n = 4",
     "tp_allgather": "EP token shares split(N, n): uneven when n does not divide N, so a "

@@ -17,7 +17,7 @@ dtype: 4 for float32, 2 for bfloat16/float16, which travel as 16 bits):
     eplb_weights  expert copies sent in rebalances * 3*h*m*b_weights (eplb.py)
 
 Each collective's bytes come from the exact formula of the algorithm it takes
-(``comm.ring.allreduce_bytes``): a prefill's all-reduce of S bytes goes by the ring,
+(``comm.allreduce.allreduce_bytes``): a prefill's all-reduce of S bytes goes by the ring,
 2(T-1)/T * S up to chunk rounding; a decode step's (a few KiB, below
 RECURSIVE_DOUBLING_MAX_BYTES) by recursive doubling, log2(T) * S for T a power of two.
 Kinds the seed's model does not cover (tp_argmax, tp_logits, and the serving loop's step
@@ -27,7 +27,7 @@ stage 0 inside the next step's plan, so no token traffic runs inside a PP group.
 
 from __future__ import annotations
 
-from ..comm.ring import allreduce_bytes
+from ..comm.allreduce import allreduce_bytes
 from ..costmodel import dtype_size
 from .shard import split
 
