@@ -1,5 +1,5 @@
 """mpipar.timemodel: each term against a hand computation, the schedule's composition,
-the machine files, the planner's time ranking, and benchkit's machine measurements.
+the machine files, the planner's time ranking, and bench.machine's measurements.
 
 Pure arithmetic except the last tests (small NumPy timings; the link probe needs 2+
 ranks). Every rank runs every test.
@@ -251,24 +251,24 @@ def test_plan_cli_filters_and_json(tmp_path):
     assert fit == sorted(fit) and doc["gpu_mem_gb"] == 80  # the machine's memory
 
 
-def test_benchkit_figures_are_measured():
-    from mpipar import benchkit
-    rates = benchkit.sgemm_rates(rows=(1, 8), k=256, out=512, mib=2, min_time=0.01)
+def test_bench_machine_figures_are_measured():
+    from mpipar.bench import machine as probes
+    rates = probes.sgemm_rates(rows=(1, 8), k=256, out=512, mib=2, min_time=0.01)
     assert set(rates) == {1, 8} and all(r > 1e6 for r in rates.values())
-    assert benchkit.read_bandwidth(mib=8, min_time=0.01) > 1e8
-    assert benchkit.copy_bandwidth(mib=8, min_time=0.01) > 1e8
+    assert probes.read_bandwidth(mib=8, min_time=0.01) > 1e8
+    assert probes.copy_bandwidth(mib=8, min_time=0.01) > 1e8
 
 
-def test_benchkit_link_between_ranks():
+def test_bench_machine_link_between_ranks():
     from mpi4py import MPI
 
-    from mpipar import benchkit
+    from mpipar.bench import machine as probes
     from mpipar.comm.group import Group
     from mpipar.comm.ledger import Ledger
     world = MPI.COMM_WORLD
     if world.Get_size() < 2:
         pytest.skip("needs 2 ranks")
-    res = benchkit.link_figures(Group(world, "world", Ledger()), large=1 << 20, repeats=20)
+    res = probes.link_figures(Group(world, "world", Ledger()), large=1 << 20, repeats=20)
     if world.Get_rank() == 0:
         assert res["bandwidth_Bps"] > 1e6 and 0 <= res["latency_s"] < res["small_s"] + 1e-12
     else:
