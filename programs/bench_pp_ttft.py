@@ -68,12 +68,12 @@ def worker(cfg: dict) -> dict | None:
     res = quiet_rounds(LoadProbe(world), cfg["repeats"], one_round, cfg["patience"])
     if world.rank != 0:
         return None
-    return harness.worker_records([{"pp": pp, "chunks": k, "ranks": world.size,
-                            "oversubscribed": harness.oversubscribed(world.size),
-                            "prompt_len": cfg["prompt_len"], "ttft_s": res["median"][k],
-                            "ttft_all_s": [r[k] for r in res["all"]],
-                            "round_other_load_cores": res["loads"],
-                            "quiet_rounds": res["quiet"]} for k in chunks])
+    return harness.worker_records([
+        {"pp": pp, "chunks": k, "ranks": world.size,
+         "oversubscribed": harness.oversubscribed(world.size),
+         "prompt_len": cfg["prompt_len"], "ttft_s": res["median"][k],
+         "ttft_all_s": [r[k] for r in res["all"]], "round_other_load_cores": res["loads"],
+         "quiet_rounds": res["quiet"]} for k in chunks])
 
 
 def parse_args(argv):

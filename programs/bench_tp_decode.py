@@ -86,12 +86,12 @@ def worker(cfg: dict) -> dict | None:
             parts[b] = breakdown(comms.ledger, layers, new - 1, gen.tpot_s)
     if world.rank != 0:
         return None
-    return harness.worker_records([{"tp": cfg["tp"], "batch": b, "ranks": world.size,
-                            "oversubscribed": harness.oversubscribed(world.size),
-                            "tpot_s": res["median"][b],
-                            "tpot_all_s": [r[b] for r in res["all"]],
-                            "round_other_load_cores": res["loads"], "quiet_rounds": res["quiet"],
-                            "breakdown_ms_per_token": parts[b]} for b in cfg["batches"]])
+    return harness.worker_records([
+        {"tp": cfg["tp"], "batch": b, "ranks": world.size,
+         "oversubscribed": harness.oversubscribed(world.size), "tpot_s": res["median"][b],
+         "tpot_all_s": [r[b] for r in res["all"]], "round_other_load_cores": res["loads"],
+         "quiet_rounds": res["quiet"], "breakdown_ms_per_token": parts[b]}
+        for b in cfg["batches"]])
 
 
 def parse_args(argv):
