@@ -1,15 +1,15 @@
 """All-reduce bandwidth: the hand-coded ring (mpipar.comm.ring) beside MPI's Allreduce.
 
     mpirun -n N python programs/bench_allreduce.py [--json out.json] [--device gpu]
-        [--min-size BYTES] [--max-size BYTES]
+        [--min-size BYTES] [--max-size BYTES] [--quick]
 
 float32 arrays of 1 KiB .. 64 MiB (x4 steps); for each size and method: warm-up calls, then the
 median over repeats of the slowest rank's time. algbw = size / time;
 busbw = algbw * 2(n-1)/n (as nccl-tests: the bytes one link carries in a ring, so
 it is comparable across rank counts). The two methods alternate call by call, so
 machine noise hits both alike. Rank 0 also measures the single-core copy bandwidth
-(np.copyto of a 64 MiB array, bytes copied / time) as the yardstick of one core;
-each JSON record carries it as ``copy_gbs``.
+(``bench.machine.copy_bandwidth`` of a 64 MiB array: bytes read + written / time) as the
+yardstick of one core; each JSON record carries it as ``copy_gbs``.
 
 ``--device gpu``: the arrays live on the GPU (CuPy); the ring moves them through
 ``mpipar.backend.Transport`` (CUDA-aware MPI, or host staging), and MPI's Allreduce gets
@@ -19,12 +19,9 @@ the device arrays when MPI is CUDA-aware, else host copies made (and timed) arou
 from __future__ import annotations
 
 # isort: off
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
+from mpipar.bench import harness  # first: one BLAS thread per rank
 # isort: on
 
-import argparse
 import json
 import time
 
@@ -32,21 +29,10 @@ import numpy as np
 from mpi4py import MPI
 
 from mpipar import backend
+from mpipar.bench.machine import copy_bandwidth
+from mpipar.comm.allreduce import ring_allreduce
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
-from mpipar.comm.ring import ring_allreduce
-
-
-def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 20) -> float:
-    a = np.ones(nbytes // 4, np.float32)
-    b = np.empty_like(a)
-    np.copyto(b, a)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        times.append(time.perf_counter() - t)
-    return nbytes / float(np.median(times)) / 1e9
 
 
 def methods_for(device: str, comm, group):
@@ -74,14 +60,16 @@ def methods_for(device: str, comm, group):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", help="write the records to this file (rank 0)")
+    ap = harness.parser(__doc__, rounds=False, workers=False, timeout=None,
+                        quick="1 KiB to 64 KiB, few repeats")
     ap.add_argument("--min-size", type=int, default=1 << 10, help="bytes (default 1 KiB)")
     ap.add_argument("--max-size", type=int, default=64 << 20, help="bytes (default 64 MiB)")
     ap.add_argument("--device", default="cpu", help="cpu | gpu | auto")
     ap.add_argument("--repeats", type=int, default=0, help="0: by size")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
+    if args.quick:
+        args.max_size, args.repeats = min(args.max_size, 64 << 10), args.repeats or 5
 
     comm = MPI.COMM_WORLD
     n, rank = comm.Get_size(), comm.Get_rank()
@@ -118,7 +106,7 @@ def main() -> None:
             records.append({"method": m, "ranks": n, "size_bytes": size, "median_s": med,
                             "algbw_gbs": algbw, "busbw_gbs": algbw * 2 * (n - 1) / n,
                             "device": device})
-    copy_gbs = copy_bandwidth() if rank == 0 else 0.0   # the other ranks sleep meanwhile
+    copy_gbs = copy_bandwidth(64) / 1e9 if rank == 0 else 0.0  # the others sleep meanwhile
     req = comm.Ibarrier()
     while not req.Test():
         time.sleep(0.002)
@@ -126,7 +114,8 @@ def main() -> None:
         return
     for rec in records:
         rec["copy_gbs"] = copy_gbs
-    print(f"ranks {n}, device {device}; single-core copy bandwidth {copy_gbs:.2f} GB/s")
+    print(f"ranks {n}, device {device}; single-core copy bandwidth {copy_gbs:.2f} GB/s "
+          "(read + write)")
     print(f"{'size':>10} {'ring us':>10} {'mpi us':>10} {'ring busbw':>11} {'mpi busbw':>10}"
           f" {'ring/mpi':>9}")
     by = {(r["method"], r["size_bytes"]): r for r in records}
@@ -136,8 +125,7 @@ def main() -> None:
               f" {ring['busbw_gbs']:>11.3f} {mpi['busbw_gbs']:>10.3f}"
               f" {mpi['median_s'] / ring['median_s']:>9.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        harness.write_json(args.json, records)
         print(f"wrote {args.json}")
     print(json.dumps({"copy_gbs": copy_gbs}))
 

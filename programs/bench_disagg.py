@@ -12,7 +12,7 @@ Workload (seeded, bench_serve.workload): R requests, prompts uniform in [512, 10
 outputs in [32, 64], ``ignore_eos``, preset bench-166m (random weights, float32). The
 rate is ``--load`` (default 0.7) x the colocated capacity, measured first: R / seconds of
 the same requests all at t=0 through dp2 (bench_serve's offline worker). Latencies as
-vLLM bench serve defines them (serve/loadgen.py); goodput under ``--slo-ttft-ms`` and
+vLLM bench serve defines them (bench/loadgen.py); goodput under ``--slo-ttft-ms`` and
 ``--slo-tpot-ms``. Handoff bytes per request: measured (world rank 0's ledger: in 1p1d it
 receives every byte) beside the cost model's 2 * L * KV * d * P * 4 (cost.memory.
 kv_bytes); the disaggregated server also reports the mean of each request's
@@ -22,19 +22,16 @@ Records go into the same --json list format as bench_serve (workload "poisson").
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import urllib.request
 
-import mpipar  # noqa: F401  (one BLAS thread per rank, before numpy loads)
+from mpipar.bench import harness
+from mpipar.bench.machine import machine
 
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
 import bench_serve  # noqa: E402
-
-from mpipar.benchkit import ints, launch_worker, machine  # noqa: E402
 
 
 def scrape(url: str) -> dict:
@@ -58,8 +55,8 @@ def scrape(url: str) -> dict:
 
 
 def online(cfg: dict, layout: str, rate: float, slo_ms: dict) -> dict:
-    from mpipar.serve.job import ServerJob
-    from mpipar.serve.loadgen import run_load, summarize
+    from mpipar.bench.job import ServerJob
+    from mpipar.bench.loadgen import run_load, summarize
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in bench_serve.engine_flags(cfg).items()]
     shape = (["--dp", "2"] if layout == "dp2" else
              ["--prefill", "tp=1", "--decode", "tp=1", "--decode-kv-cache-tokens",
@@ -102,20 +99,17 @@ def formula_bytes_per_request(cfg: dict, config) -> float:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__, rounds=False, workers=False)
     p.add_argument("--preset", default="bench-166m")
     p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--prompt-len", type=ints, default=[512, 1024], help="LO,HI")
-    p.add_argument("--output-len", type=ints, default=[32, 64], help="LO,HI")
+    p.add_argument("--prompt-len", type=harness.ints, default=[512, 1024], help="LO,HI")
+    p.add_argument("--output-len", type=harness.ints, default=[32, 64], help="LO,HI")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, dest="budget")
     p.add_argument("--loads", default="0.7",
                    help="comma-separated rates as fractions of the colocated capacity")
     p.add_argument("--slo-ttft-ms", type=float, default=20000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
-    p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.prompt_len, args.output_len = "builtin-moe", [64, 128], [4, 8]
@@ -149,13 +143,11 @@ def print_table(records, capacity, slo_ms, formula) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     from mpipar.model.config import get_preset
     config = get_preset(args.preset)
-    cfg = {"preset": args.preset, "requests": args.requests, "prompt_len": args.prompt_len,
-           "output_len": args.output_len, "seed": args.seed, "vocab": config.vocab_size,
-           "budget": args.budget}
-    offline = launch_worker(bench_serve.HERE, 2, {**cfg, "layout": "dp2"}, args.timeout)
+    cfg = bench_serve.workload_config(args, config)
+    offline = harness.launch_worker(bench_serve.HERE, 2, {**cfg, "layout": "dp2"}, args.timeout)
     capacity = args.requests / offline["seconds"]
     print(f"  colocated dp2 offline: {offline['seconds']:.1f} s for {args.requests} requests",
           flush=True)
@@ -168,15 +160,11 @@ def main(argv=None) -> int:
                   flush=True)
     formula = formula_bytes_per_request(cfg, config)
     print_table(records, capacity, slo_ms, formula)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "serve", "preset": args.preset, "machine": machine(),
-                       "workload": {k: cfg[k] for k in ("requests", "prompt_len",
-                                                        "output_len", "seed", "budget")},
-                       "loads": args.loads, "colocated_capacity_rps": capacity,
-                       "offline_dp2_seconds": offline["seconds"],
-                       "kv_bytes_per_request_formula": formula, "records": records}, f,
-                      indent=1)
+    workload = {k: cfg[k] for k in ("requests", "prompt_len", "output_len", "seed", "budget")}
+    harness.write_report(args.json, "serve", machine(), records, preset=args.preset,
+                         workload=workload, loads=args.loads, colocated_capacity_rps=capacity,
+                         offline_dp2_seconds=offline["seconds"],
+                         kv_bytes_per_request_formula=formula)
     return 0
 
 

@@ -33,32 +33,19 @@ interleaved (each call: median of ``--inner``; time = max over ranks). ep = 4 on
 cores is oversubscribed: its bytes and imbalance are exact, its times are marked and
 not a latency claim.
 
-Quiet rounds and machine facts: mpipar/benchkit.py.
-
-BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+Harness (flags, launch, one BLAS thread per rank), quiet rounds and machine facts:
+mpipar/bench/.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
-from mpipar.benchkit import (  # noqa: E402
-    LoadProbe,
-    ints,
-    launch_worker,
-    load_note,
-    machine,
-    quiet_rounds,
-    worker_main,
-)
+from mpipar.bench import harness
+from mpipar.bench.machine import LoadProbe, machine, quiet_rounds
 
 HERE = os.path.abspath(__file__)
 ROUTINGS = ("uniform", "zipf", "all-to-one")
@@ -207,7 +194,7 @@ def worker(cfg: dict) -> dict | None:
         rows, pairs = np.array(f["pairs_per_rank"]), np.array(f["pairs_per_expert"])
         records.append({
             "routing": r, "ep": ep, "ranks": ep,
-            "oversubscribed": ep > (os.cpu_count() or 1),
+            "oversubscribed": harness.oversubscribed(ep),
             "tokens_per_rank": t, "hidden": h, "experts": x_n, "top_k": k,
             "row_bytes": row_bytes,
             "dispatch_bytes_per_rank": f["dispatch_sent"],
@@ -226,36 +213,31 @@ def worker(cfg: dict) -> dict | None:
             "time_all_s": [x["ours " + r] for x in res["all"]],
             "mpi_alltoallv_s": res["median"]["mpi " + r],
             "round_other_load_cores": res["loads"], "quiet_rounds": res["quiet"]})
-    return {"mpi": MPI.Get_library_version().splitlines()[0].strip(), "records": records}
-
-
-def launch(n: int, cfg: dict, timeout: float) -> dict:
-    return launch_worker(HERE, n, cfg, timeout)
+    return harness.worker_records(records)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ep", type=ints, default=[2, 4])
+    p = harness.parser(__doc__, timeout=900, quick="small sizes, seconds (smoke test)")
+    p.add_argument("--ep", type=harness.ints, default=[2, 4])
     p.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--zipf-s", type=float, default=1.2)
-    p.add_argument("--repeats", type=int, default=3, help="quiet rounds")
     p.add_argument("--inner", type=int, default=5, help="calls timed per round (median)")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--patience", type=int, default=4,
-                   help="at most patience*repeats rounds to find quiet ones")
-    p.add_argument("--quick", action="store_true", help="small sizes, seconds (smoke test)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.patience = 1
         args.tokens, args.hidden, args.experts, args.top_k, args.repeats = 16, 64, 8, 2, 1
         args.inner = 2
     return args
+
+
+LEGEND = ("seed = top_k*h*b/l per token of the EP group = k*h*b*T per rank (self-copies "
+          "included); per pair: one row per (token, expert) on another rank; dedupe (what "
+          "mpipar sends): one row per (token, other rank it needs); a row is h*b + 8k bytes "
+          "(k slot ids and weights).\ntime: counts + dispatch + combine, max over ranks; "
+          "MPI Alltoallv: the same round trip with MPI's own Alltoall/Alltoallv")
 
 
 def table(records) -> str:
@@ -279,37 +261,19 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_main(worker, args.worker, args.worker_out)
-    cfg = {"tokens": args.tokens, "hidden": args.hidden, "experts": args.experts,
-           "top_k": args.top_k, "zipf_s": args.zipf_s, "repeats": args.repeats,
-           "patience": args.patience, "inner": args.inner,
-           "routings": list(ROUTINGS)}
+def main(args) -> int:
+    cfg = harness.pick(args, "tokens", "hidden", "experts", "top_k", "zipf_s", "repeats",
+                       "patience", "inner")
+    cfg["routings"] = list(ROUTINGS)
     meta = machine()  # before the runs: is anything else busy?
-    records, mpi = [], None
-    for ep in args.ep:
-        res = launch(ep, cfg, args.timeout)
-        records += [{**r, "other_load_cores": res["other_load_cores"]} for r in res["records"]]
-        mpi = res["mpi"]
-    print(f"bench_ep_dispatch: {args.tokens} tokens/rank, h={args.hidden} float32, "
-          f"{args.experts} experts, top_k={args.top_k}, Zipf s={args.zipf_s}; median of "
-          f"{args.repeats}; {meta['cores']} cores, {meta['memory_gib']} GiB, one BLAS thread "
-          f"per rank; {mpi}")
-    print(table(records))
-    print(load_note(records))
-    print("seed = top_k*h*b/l per token of the EP group = k*h*b*T per rank (self-copies "
-          "included); per pair: one row per (token, expert) on another rank; dedupe (what "
-          "mpipar sends): one row per (token, other rank it needs); a row is h*b + 8k bytes "
-          "(k slot ids and weights).\ntime: counts + dispatch + combine, max over ranks; "
-          "MPI Alltoallv: the same round trip with MPI's own Alltoall/Alltoallv")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "ep_dispatch", "machine": meta, "mpi": mpi,
-                       "records": records}, f, indent=1)
+    records, mpi = harness.launch_all(HERE, [(ep, cfg) for ep in args.ep], args.timeout)
+    harness.print_report(f"bench_ep_dispatch: {args.tokens} tokens/rank, h={args.hidden} "
+                         f"float32, {args.experts} experts, top_k={args.top_k}, Zipf "
+                         f"s={args.zipf_s}; median of {args.repeats}", meta, mpi,
+                         table(records), records, LEGEND)
+    harness.write_report(args.json, "ep_dispatch", meta, records, mpi=mpi)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run(parse_args, worker, main))

@@ -24,33 +24,21 @@ over MPI: kind ``eplb_weights``). Both placements then run on fresh tokens from 
 router (out of sample): max/mean of (token, expert) pairs computed per EP rank, and
 their outputs must agree (1e-4). At ep = 2 (one core per rank) the MoE layer time
 (route + dispatch + experts + combine, max over ranks) of both placements is measured
-interleaved in quiet rounds (mpipar/benchkit.py); ep = 4 on 2 cores is oversubscribed,
-so only its loads and bytes are reported.
+interleaved in quiet rounds (mpipar/bench/machine.py); ep = 4 on 2 cores is
+oversubscribed, so only its loads and bytes are reported.
 
-BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+Harness (flags, launch, one BLAS thread per rank): mpipar/bench/harness.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
-from mpipar.benchkit import (  # noqa: E402
-    LoadProbe,
-    ints,
-    launch_worker,
-    load_note,
-    machine,
-    quiet_rounds,
-    worker_main,
-)
+from mpipar.bench import harness
+from mpipar.bench.machine import LoadProbe, machine, quiet_rounds
 
 HERE = os.path.abspath(__file__)
 ROUTINGS = ("zipf", "all-to-one")
@@ -180,7 +168,14 @@ def worker(cfg: dict) -> dict | None:
             records.append(rec)
     if me != 0:
         return None
-    return {"mpi": MPI.Get_library_version().splitlines()[0].strip(), "records": records}
+    return harness.worker_records(records)
+
+
+LEGEND = ("max/mean: (token, expert) pairs computed per EP rank on fresh tokens; before = "
+          "no EPLB (contiguous experts, R = 0), after = R redundant slots and one EPLB "
+          "rebalance; MB/rebalance: expert weights sent over MPI, all ranks (kind "
+          "eplb_weights); MoE ms: one layer's forward, max over ranks, ep=2 only (ep=4 is "
+          "oversubscribed on 2 cores)")
 
 
 def table(records) -> str:
@@ -199,9 +194,9 @@ def table(records) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ep", type=ints, default=[2, 4])
-    p.add_argument("--redundant", type=ints, default=[0, 1, 2],
+    p = harness.parser(__doc__, quick="small sizes, seconds (smoke test)")
+    p.add_argument("--ep", type=harness.ints, default=[2, 4])
+    p.add_argument("--redundant", type=harness.ints, default=[0, 1, 2],
                    help="R in units of ep (0,1,2: R = 0, ep, 2*ep)")
     p.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=1024)
@@ -210,15 +205,8 @@ def parse_args(argv):
     p.add_argument("--moe-inter", type=int, default=256)
     p.add_argument("--zipf-s", type=float, default=1.2)
     p.add_argument("--window", type=int, default=4, help="forwards before the rebalance")
-    p.add_argument("--repeats", type=int, default=3, help="quiet rounds")
     p.add_argument("--inner", type=int, default=3, help="forwards timed per round (median)")
-    p.add_argument("--patience", type=int, default=4)
     p.add_argument("--no-time", action="store_true", help="loads and bytes only")
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--quick", action="store_true", help="small sizes, seconds (smoke test)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.experts, args.top_k, args.moe_inter = 32, 32, 16, 4, 16
@@ -226,39 +214,20 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_main(worker, args.worker, args.worker_out)
-    cfg = {k: getattr(args, k) for k in ("tokens", "hidden", "experts", "top_k", "moe_inter",
-                                         "zipf_s", "window", "repeats", "inner", "patience",
-                                         "no_time", "redundant")}
+def main(args) -> int:
+    cfg = harness.pick(args, "tokens", "hidden", "experts", "top_k", "moe_inter", "zipf_s",
+                       "window", "repeats", "inner", "patience", "no_time", "redundant")
     cfg["routings"] = list(ROUTINGS)
     meta = machine()
-    records, mpi = [], None
-    for ep in args.ep:
-        res = launch_worker(HERE, ep, cfg, args.timeout)
-        records += [{**r, "other_load_cores": res["other_load_cores"]} for r in res["records"]]
-        mpi = res["mpi"]
-    print(f"bench_eplb: {args.tokens} tokens/rank, h={args.hidden}, {args.experts} experts, "
-          f"top_k={args.top_k}, moe_inter={args.moe_inter}, float32, Zipf s={args.zipf_s}, "
-          f"window {args.window} forwards; {meta['cores']} cores, one BLAS thread per rank; "
-          f"{mpi}")
-    print(table(records))
+    records, mpi = harness.launch_all(HERE, [(ep, cfg) for ep in args.ep], args.timeout)
     timed = [r for r in records if r["quiet_rounds"] is not None]
-    if timed:
-        print(load_note(timed))
-    print("max/mean: (token, expert) pairs computed per EP rank on fresh tokens; before = "
-          "no EPLB (contiguous experts, R = 0), after = R redundant slots and one EPLB "
-          "rebalance; MB/rebalance: expert weights sent "
-          "over MPI, all ranks (kind eplb_weights); MoE ms: one layer's forward, max over "
-          "ranks, ep=2 only (ep=4 is oversubscribed on 2 cores)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "eplb", "machine": meta, "mpi": mpi, "records": records},
-                      f, indent=1)
+    harness.print_report(f"bench_eplb: {args.tokens} tokens/rank, h={args.hidden}, "
+                         f"{args.experts} experts, top_k={args.top_k}, moe_inter="
+                         f"{args.moe_inter}, float32, Zipf s={args.zipf_s}, window "
+                         f"{args.window} forwards", meta, mpi, table(records), timed, LEGEND)
+    harness.write_report(args.json, "eplb", meta, records, mpi=mpi)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run(parse_args, worker, main))

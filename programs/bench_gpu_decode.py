@@ -17,7 +17,8 @@ time after the first token / (new_tokens - 1), on world rank 0 (all ranks keep p
 
 Roofline: a memory-bound decode step reads every weight it uses once, so it takes at
 least  bytes_step / B_copy,  with B_copy the device copy bandwidth measured first (a
-1 GiB device-to-device copy: bytes read + written / time, the best HBM streams reach)
+1 GiB device-to-device copy, ``bench.machine.copy_bandwidth``: bytes read + written /
+time, the best HBM streams reach)
 and bytes_step the weights of the layers and the lm_head on all ranks (the embedding
 reads only B rows; the KV cache is not counted: at 16 + 10 positions it is small). An
 MoE layer reads only the experts that got tokens: under uniform routing
@@ -39,8 +40,6 @@ so CuPy's launches queue up ahead of the GPU; the one per-step sync is the token
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -48,19 +47,19 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
-import mpipar  # noqa: E402
+# isort: off
+from mpipar.bench import harness  # first: one BLAS thread per rank
+import numpy as np
+# isort: on
 
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
-import numpy as np  # noqa: E402
-
-from mpipar.benchkit import ints, launch_worker, worker_main  # noqa: E402
-from mpipar.model.checkpoint import (  # noqa: E402
+from mpipar.bench.machine import copy_bandwidth, sync
+from mpipar.model.checkpoint import (
     WeightSource,
     as_dtype,
     check_index,
     expected_shapes,
 )
-from mpipar.model.config import ModelConfig, get_preset  # noqa: E402
+from mpipar.model.config import ModelConfig, get_preset
 
 HERE = os.path.abspath(__file__)
 GPU_PRESETS = ("qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b")
@@ -118,25 +117,6 @@ class TiledWeights(WeightSource):
         return np.array(block[(slice(None), *idx[1:])] if len(idx) > 1 else block)
 
 
-def copy_bandwidth(xp, nbytes: int) -> float:
-    """Device copy bandwidth, bytes read + written per second (median of 10)."""
-    a = xp.ones(nbytes // 4, dtype=np.float32)
-    b = xp.empty_like(a)
-    times = []
-    for _ in range(11):
-        _sync(xp)
-        t = time.perf_counter()
-        b[...] = a
-        _sync(xp)
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / float(np.median(times[1:]))
-
-
-def _sync(xp):
-    if xp is not np:
-        xp.cuda.get_current_stream().synchronize()
-
-
 def step_weight_bytes(model, batch: int) -> float:
     """Bytes of weights this rank reads in one decode step of ``batch`` tokens."""
     c, total = model.config, 0.0
@@ -174,16 +154,15 @@ def worker(cfg: dict):
     comms = make_comms(layout, world, xp=xp, transport=transport)
     if transport is not None:
         transport.ledger = comms.ledger
-    bw = copy_bandwidth(xp, cfg["copy_bytes"]) if world.rank == 0 else 0.0
+    bw = copy_bandwidth(cfg["copy_mib"], xp=xp) if world.rank == 0 else 0.0
     world.Barrier()
     t = time.perf_counter()
     model = ParallelModel(comms, TiledWeights(config), xp, dtype=cfg["dtype"])
-    _sync(xp)
+    sync(xp)
     load_s = world.allreduce(time.perf_counter() - t, op=MPI.MAX)
     rows = []
     for batch in cfg["batches"]:
-        prompts = [[(97 * s + 31 * i + 7) % config.vocab_size for i in range(PROMPT_LEN)]
-                   for s in range(batch)]
+        prompts = harness.prompts_for(batch, PROMPT_LEN, config.vocab_size)
         offline.generate(model, prompts, 3)  # warm-up: kernels compiled, memory pools filled
         gen = offline.generate(model, prompts, cfg["new_tokens"])
         step_bytes = world.allreduce(step_weight_bytes(model, batch))
@@ -203,11 +182,11 @@ def worker(cfg: dict):
 def run(device: str, presets, batches, ranks, new_tokens: int, timeout: float) -> list:
     cfg = {"device": device, "batches": list(batches), "new_tokens": new_tokens,
            "dtype": "bfloat16" if device == "gpu" else "float32",
-           "copy_bytes": (1 << 30) if device == "gpu" else (64 << 20)}
+           "copy_mib": 1024 if device == "gpu" else 64}
     rows = []
     for preset in presets:
         for n in ranks:
-            rows += launch_worker(HERE, n, {**cfg, "preset": preset}, timeout)["rows"]
+            rows += harness.launch_worker(HERE, n, {**cfg, "preset": preset}, timeout)["rows"]
     return rows
 
 
@@ -222,31 +201,30 @@ def table(rows) -> list[str]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv):
+    ap = harness.parser(__doc__, rounds=False, timeout=300,
+                        quick="the CPU dry run (--device cpu): tiny shapes, seconds")
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     ap.add_argument("--presets", help="comma-separated (default: the three Qwen3 shapes on "
                                       "a GPU, tiny-dense,tiny-moe on the CPU)")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--ranks", default="1,4", help="ranks sharing the GPU")
     ap.add_argument("--new-tokens", type=int, default=10)
-    ap.add_argument("--timeout", type=float, default=300, help="seconds per worker job")
-    ap.add_argument("--json")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        return worker_main(worker, args.worker, args.worker_out)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.device = "cpu"
+    return args
+
+
+def main(args) -> int:
     presets = (args.presets.split(",") if args.presets else
                list(GPU_PRESETS) if args.device == "gpu" else list(CPU_PRESETS))
-    rows = run(args.device, presets, ints(args.batches), ints(args.ranks), args.new_tokens,
-               args.timeout)
+    rows = run(args.device, presets, harness.ints(args.batches), harness.ints(args.ranks),
+               args.new_tokens, args.timeout)
     print("\n".join(table(rows)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    harness.write_json(args.json, rows)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run(parse_args, worker, main))

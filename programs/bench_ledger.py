@@ -22,27 +22,23 @@ the ring and the routing the run saw); measured == exact is checked on every ran
 Where the ratio to the seed is not 1.00, the output says why (chunk rounding, the
 small-message path, kinds the seed does not count, routing).
 
-BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
-Times are not measured here (4 ranks on 2 cores are oversubscribed; bytes are exact).
+Harness (flags, launch, one BLAS thread per rank): mpipar/bench/harness.py. Times are
+not measured here (4 ranks on 2 cores are oversubscribed; bytes are exact).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
-from mpipar.benchkit import launch_worker, worker_main  # noqa: E402
+from mpipar.bench import harness
 
 HERE = os.path.abspath(__file__)
 SEED_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "ep_dispatch", "ep_combine")
 WHY = {
     "tp_allreduce": "ring 2(n-1)/n of [N,h]; != 1 through chunk rounding (n does not divide "
-                    "N*h), or below comm/ring.py's RECURSIVE_DOUBLING_MAX_BYTES, where "
+                    "N*h), or below comm/allreduce.py's RECURSIVE_DOUBLING_MAX_BYTES, where "
                     "recursive doubling sends log2(n)*S instead of 2(n-1)/n*S: the same at "
                     "n = 2, 1.33x at n = 4",
     "tp_allgather": "EP token shares split(N, n): uneven when n does not divide N, so a "
@@ -135,12 +131,7 @@ def worker(cfg: dict) -> dict | None:
         r["exact_decode"] = {k: (pred_b[i][k] - pred_a[i][k]) / (r["seqs"] * d)
                              for k in pred_b[i]}
     return {"layout": cfg["layout"], "preset": cfg["preset"], "batch": cfg["batch"],
-            "prompt_len": plen, "decode_steps": d, "ranks": ranks,
-            "mpi": MPI.Get_library_version().splitlines()[0].strip()}
-
-
-def launch(n: int, cfg: dict, timeout: float) -> dict:
-    return launch_worker(HERE, n, cfg, timeout)
+            "prompt_len": plen, "decode_steps": d, "ranks": ranks, "mpi": harness.mpi_version()}
 
 
 def rows_of(res) -> list[dict]:
@@ -184,7 +175,7 @@ def table(res, records) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__, rounds=False, timeout=600, quick="one small layout (smoke test)")
     p.add_argument("--preset", default="builtin-moe")
     p.add_argument("--layout", type=parse_layout, action="append",
                    help="e.g. tp=2,pp=2 (repeat); default tp=2,pp=2, tp=2,dp=2,ep=4 "
@@ -192,11 +183,6 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=4, help="prompts")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode", type=int, default=8, help="decode steps D")
-    p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--quick", action="store_true", help="one small layout (smoke test)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.layout:
         args.layout = [parse_layout(t) for t in ("tp=2,pp=2", "tp=2,dp=2,ep=4", "tp=4")]
@@ -205,15 +191,13 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_main(worker, args.worker, args.worker_out)
+def main(args) -> int:
     results, kinds = [], set()
     for lay in args.layout:
         n = lay["tp"] * lay["pp"] * lay["dp"]
-        res = launch(n, {"preset": args.preset, "layout": lay, "batch": args.batch,
-                         "prompt_len": args.prompt_len, "decode": args.decode}, args.timeout)
+        cfg = {"preset": args.preset, "layout": lay, "batch": args.batch,
+               "prompt_len": args.prompt_len, "decode": args.decode}
+        res = harness.launch_worker(HERE, n, cfg, args.timeout)
         recs = rows_of(res)
         results.append({**{k: res[k] for k in ("layout", "preset", "batch", "prompt_len",
                                                "decode_steps", "mpi")}, "records": recs})
@@ -227,11 +211,9 @@ def main(argv=None) -> int:
         print(f"  {k:18s} {why}")
     bad = [r for res in results for r in res["records"] if r["matches_exact"] is False]
     print(f"measured == exact prediction: {'all' if not bad else f'{len(bad)} MISMATCHES'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "ledger", "why": WHY, "layouts": results}, f, indent=1)
+    harness.write_json(args.json, {"benchmark": "ledger", "why": WHY, "layouts": results})
     return 0 if not bad else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run(parse_args, worker, main))

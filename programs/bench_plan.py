@@ -7,7 +7,7 @@ What it claims: ``mpipar.cost.time`` predicts, from this machine's measured figu
 alone, the time to first token (TTFT) and time per output token (TPOT) of a layout
 within 25% of the measured median, and orders the layouts of a model as the
 measurements do. Nothing is fitted to these runs: first the machine is measured
-(``benchkit.machine_figures``: sgemm rate against rows, matrix-vector read bandwidth,
+(``bench.machine.machine_figures``: sgemm rate against rows, matrix-vector read bandwidth,
 the latency and bandwidth of one exchange between two ranks; with 1 and with 2 ranks
 measuring at once, since two ranks share this machine's memory bandwidth), then every
 prediction is made, then the runs.
@@ -19,32 +19,22 @@ TPOT at batch 1 and 8) and ``bench-moe`` (a MoE shape defined here: hidden 1024,
 layers, 8 experts of 1024, top-2; ``builtin-moe`` is too small for time to mean more
 than Python's per-call cost) at 1 rank and with dp=2, ep=2.
 
-Launch: one ``mpirun -n R`` worker per layout (benchkit.launch_worker); each loads its
-model once, warms up, and runs quiet rounds (benchkit.quiet_rounds) of every metric.
+Launch: one ``mpirun -n R`` worker per layout (bench.harness.launch_worker); each loads
+its model once, warms up, and runs quiet rounds (bench.machine.quiet_rounds) of every metric.
 TTFT: generate() with one new token; TPOT: decode time / (new tokens - 1), predicted at
 the mean context (prompt + new/2).
 
-BLAS: ``mpipar.pin_threads()`` pins OpenBLAS to one thread per rank before NumPy loads.
+Harness (flags, launch, one BLAS thread per rank): mpipar/bench/harness.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
-from mpipar.benchkit import (  # noqa: E402
-    LoadProbe,
-    launch_worker,
-    load_note,
-    machine,
-    quiet_rounds,
-    worker_main,
-)
+from mpipar.bench import harness
+from mpipar.bench.machine import LoadProbe, load_note, machine, quiet_rounds
 
 HERE = os.path.abspath(__file__)
 TARGET = 0.25  # |predicted / measured - 1|
@@ -75,10 +65,6 @@ def model_config(name: str):
     return ModelConfig(**BENCH_MOE) if name == "bench-moe" else get_preset(name)
 
 
-def prompts_for(batch: int, length: int, vocab: int) -> list:
-    return [[(97 * s + 31 * i + 7) % vocab for i in range(length)] for s in range(batch)]
-
-
 def worker(cfg: dict) -> dict | None:
     from mpi4py import MPI
 
@@ -86,7 +72,7 @@ def worker(cfg: dict) -> dict | None:
     from mpipar.comm.ledger import Ledger
     world = MPI.COMM_WORLD
     if cfg["task"] == "machine":
-        from mpipar.benchkit import machine_figures
+        from mpipar.bench.machine import machine_figures
         small = {"rows": (1, 16), "mib": 16} if cfg.get("quick") else {}
         return machine_figures(Group(world, "world", Ledger()), **small)
 
@@ -98,8 +84,8 @@ def worker(cfg: dict) -> dict | None:
     config = model_config(cfg["model"])
     model = ParallelModel(comms, open_model(preset=config))
     length, new = cfg["prompt_len"], cfg["new_tokens"]
-    ttft_set = prompts_for(cfg["ttft_prompts"], length, config.vocab_size)
-    tpot_sets = {b: prompts_for(b, length, config.vocab_size) for b in cfg["batches"]}
+    ttft_set = harness.prompts_for(cfg["ttft_prompts"], length, config.vocab_size)
+    tpot_sets = {b: harness.prompts_for(b, length, config.vocab_size) for b in cfg["batches"]}
     for k in cfg["chunks"]:  # warm-up
         offline.generate(model, ttft_set, 1, prefill_chunks=k)
     for b in cfg["batches"]:
@@ -183,22 +169,14 @@ def table(records) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p = harness.parser(__doc__, patience=3, timeout=900)
     p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--patience", type=int, default=3,
-                   help="at most patience*repeats rounds to find quiet ones")
-    p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--machine", metavar="JSON",
                    help="use this machine description instead of measuring")
     p.add_argument("--save-machine", metavar="JSON", help="write the measured machine here")
     p.add_argument("--replay", metavar="JSON",
                    help="no runs: predict again, with this machine, the measured records of "
                         "an earlier --json (after a change to the time model)")
-    p.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.new_tokens < 3:
         p.error("--new-tokens must be at least 3")
@@ -206,20 +184,20 @@ def parse_args(argv):
 
 
 def machine_from_figures(name: str, figs: dict) -> dict:
-    """benchkit.machine_figures' result -> a machine description (cost.machine's format)."""
+    """bench.machine.machine_figures' result -> a machine description (cost.machine's format)."""
     link = figs["link"] or {"bandwidth_Bps": float("inf"), "latency_s": 0.0}
     return {"name": name, "gpus_per_node": figs["ranks"], "matmul_flops":
             {str(k): v for k, v in figs["matmul_flops_by_rows"].items()},
             "mem_read_Bps": figs["mem_read_Bps"],
             "intra_node": {"bandwidth_Bps": link["bandwidth_Bps"],
                            "latency_s": link["latency_s"]},
-            "sources": {"all": "measured by mpipar.benchkit.machine_figures"}}
+            "sources": {"all": "measured by mpipar.bench.machine.machine_figures"}}
 
 
 def measure_machine(timeout: float, quick: bool = False) -> dict:
     """This machine as a description: 1-rank figures, and 2-rank ones (both measuring)."""
-    one = launch_worker(HERE, 1, {"task": "machine", "quick": quick}, timeout)
-    two = launch_worker(HERE, 2, {"task": "machine", "quick": quick}, timeout)
+    one = harness.launch_worker(HERE, 1, {"task": "machine", "quick": quick}, timeout)
+    two = harness.launch_worker(HERE, 2, {"task": "machine", "quick": quick}, timeout)
     desc = machine_from_figures("this machine", one)
     two_desc = machine_from_figures("this machine", two)
     desc["intra_node"] = two_desc["intra_node"]
@@ -229,10 +207,7 @@ def measure_machine(timeout: float, quick: bool = False) -> dict:
     return desc
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_main(worker, args.worker, args.worker_out)
+def main(args) -> int:
     cases, prompt_len = CASES, PROMPT_LEN
     if args.quick:
         cases, prompt_len, args.repeats, args.patience = QUICK_CASES, {"builtin-moe": 32}, 1, 1
@@ -247,16 +222,14 @@ def main(argv=None) -> int:
             desc = json.load(f)
     else:
         desc = measure_machine(args.timeout, args.quick)
-    if args.save_machine:
-        with open(args.save_machine, "w") as f:
-            json.dump(desc, f, indent=1)
+    harness.write_json(args.save_machine, desc)
     records = predictions(desc, cases, args.new_tokens, prompt_len)  # before any run
     for model, lay, chunks, n_prompts, batches in cases if old is None else []:
         cfg = {"task": "run", "model": model, "layout": list(lay), "chunks": chunks,
                "ttft_prompts": n_prompts, "batches": batches, "prompt_len": prompt_len[model],
                "new_tokens": args.new_tokens, "repeats": args.repeats,
                "patience": args.patience}
-        res = launch_worker(HERE, lay[0] * lay[1] * lay[2], cfg, args.timeout)
+        res = harness.launch_worker(HERE, lay[0] * lay[1] * lay[2], cfg, args.timeout)
         for r in records:
             if r["case"] == (model, lay):
                 r["measured_s"] = res["median"][r["key"]]
@@ -285,15 +258,13 @@ def main(argv=None) -> int:
           + (f" (swapped, but within the measured rounds' spread: {'; '.join(ties)})"
              if ties else ""))
     print(load_note(records))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "plan", "machine": meta, "machine_description": desc,
-                       "target": TARGET, "within_target": len(records) - len(misses),
-                       "ordering_mismatches": bad_order, "ordering_ties": ties,
-                       "records": [{k: v for k, v in r.items() if k != "key"}
-                                   for r in records]}, f, indent=1)
+    harness.write_report(args.json, "plan", meta,
+                         [{k: v for k, v in r.items() if k != "key"} for r in records],
+                         machine_description=desc, target=TARGET,
+                         within_target=len(records) - len(misses),
+                         ordering_mismatches=bad_order, ordering_ties=ties)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run(parse_args, worker, main))

@@ -11,15 +11,16 @@ bench-166m (random weights, float32), all arriving at t=0 ("offline").
 
 - mpipar offline, layouts tp1 (one rank) and dp2 / tp2 / pp2 (two ranks, one core each;
   PP keeps its micro-batches in flight): ``generate_offline`` on ServeEngine, each layout
-  its own mpirun job (benchkit.launch_worker), after a warm-up request; timed on rank 0.
+  its own mpirun job (bench.harness.launch_worker), after a warm-up request; timed on
+  rank 0.
 - transformers offline: Qwen3ForCausalLM of the same shape (random init, float32),
   ``torch.set_num_threads(1)``, its continuous-batching manager (what ``generate_batch``
   runs) with per-request ``max_new_tokens``, page size 16 and a token budget of
   ``--max-num-batched-tokens`` like mpipar's, eos disabled. Runs in a Python where torch
   and transformers import (``--torch-python``, default this one, else $MPIPAR_TORCH_PYTHON);
   never a dependency.
-- roofline, for n cores (from the machine figures bench_single_rank.py measures: best
-  sgemm GFLOP/s, STREAM copy GB/s):
+- roofline, for n cores (from one core's limits, bench.machine.one_core_limits: best
+  sgemm GFLOP/s, copy GB/s counted read + written):
       FLOPs = sum_i 2 M (P_i + O_i - 1) + A(P_i + O_i - 1) + 2 V h O_i
               (M: matmul weights of the layers, A(L) = layers * 2 L^2 H d: causal QK^T
               and PV, V h: the lm_head per sampled token)
@@ -29,34 +30,23 @@ bench-166m (random weights, float32), all arriving at t=0 ("offline").
       t_roof = max(FLOPs / (n * sgemm), bytes / (n * copy));  roofline = sum O / t_roof
 - online (tp1 by default): the server under mpirun, the same requests sent with Poisson
   arrivals at ``--rate-factors`` x the offline tp1 capacity (requests/s), latencies as
-  vLLM bench serve defines them (mpipar/serve/loadgen.py), goodput under ``--slo-*``.
+  vLLM bench serve defines them (mpipar/bench/loadgen.py), goodput under ``--slo-*``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
+from mpipar.bench import harness
+from mpipar.bench.machine import load_note, machine, one_core_limits
 
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
-from bench_single_rank import machine_limits, work  # noqa: E402
-
-from mpipar.benchkit import (  # noqa: E402
-    cpu_seconds,
-    ints,
-    launch_worker,
-    load_note,
-    machine,
-    worker_main,
-)
+from bench_single_rank import work  # noqa: E402
 
 LAYOUTS = {"tp1": (1, 1, 1), "dp2": (1, 1, 2), "tp2": (2, 1, 1), "pp2": (1, 2, 1)}  # tp pp dp
 
@@ -67,6 +57,12 @@ def workload(cfg: dict) -> list[tuple[list[int], int]]:
     (plo, phi), (olo, ohi) = cfg["prompt_len"], cfg["output_len"]
     return [(rng.integers(0, cfg["vocab"], int(rng.integers(plo, phi + 1))).tolist(),
              int(rng.integers(olo, ohi + 1))) for _ in range(cfg["requests"])]
+
+
+def workload_config(args, config) -> dict:
+    """The workload's part of a worker's configuration (``workload``, ``engine_flags``)."""
+    return {**harness.pick(args, "preset", "requests", "prompt_len", "output_len", "seed",
+                           "budget"), "vocab": config.vocab_size}
 
 
 def engine_flags(cfg: dict) -> dict:
@@ -146,23 +142,10 @@ def torch_worker(cfg: dict) -> dict:
 
 
 def launch_torch(python: str, cfg: dict, timeout: float) -> dict:
-    import tempfile
-    repo = os.path.dirname(os.path.dirname(HERE))
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.json")
-        env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
-        busy0, ours0, t0 = *cpu_seconds(), time.monotonic()
-        proc = subprocess.run([python, HERE, "--torch-worker", json.dumps(cfg),
-                               "--worker-out", out], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-        busy1, ours1, t1 = *cpu_seconds(), time.monotonic()
-        if proc.returncode or not os.path.exists(out):
-            raise RuntimeError(f"transformers run failed ({proc.returncode}): "
-                               f"{proc.stderr[-1500:]}")
-        with open(out) as f:
-            res = json.load(f)
-        res["other_load_cores"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
-        return res
+    """torch_worker in ``python`` (one process, one thread), measured as a worker job."""
+    env = {"PYTHONPATH": os.path.dirname(os.path.dirname(HERE)), "OMP_NUM_THREADS": "1"}
+    return harness.launch_worker(HERE, 1, cfg, timeout, python=python, flag="--torch-worker",
+                                 env=env)
 
 
 def torch_python(args) -> str | None:
@@ -188,8 +171,8 @@ def roofline(config, reqs, budget: int, limits: dict, cores: int) -> float:
 
 
 def online(cfg: dict, rate: float, slo_ms: dict) -> dict:
-    from mpipar.serve.job import ServerJob
-    from mpipar.serve.loadgen import run_load, summarize
+    from mpipar.bench.job import ServerJob
+    from mpipar.bench.loadgen import run_load, summarize
     tp, pp, dp = LAYOUTS[cfg["layout"]]
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine_flags(cfg).items()]
     with ServerJob(tp * pp * dp, ["--preset", cfg["preset"], "--tp", str(tp), "--pp",
@@ -200,11 +183,11 @@ def online(cfg: dict, rate: float, slo_ms: dict) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__, rounds=False)
     p.add_argument("--preset", default="bench-166m")
     p.add_argument("--requests", type=int, default=16, help="R (the issue's shape: 64)")
-    p.add_argument("--prompt-len", type=ints, default=[64, 256], help="LO,HI")
-    p.add_argument("--output-len", type=ints, default=[32, 128], help="LO,HI")
+    p.add_argument("--prompt-len", type=harness.ints, default=[64, 256], help="LO,HI")
+    p.add_argument("--output-len", type=harness.ints, default=[32, 128], help="LO,HI")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, dest="budget")
     p.add_argument("--layouts", default="tp1,dp2,tp2,pp2")
     p.add_argument("--online-layouts", default="tp1")
@@ -215,12 +198,7 @@ def parse_args(argv):
     p.add_argument("--torch", choices=("auto", "off"), default="auto")
     p.add_argument("--torch-python", help="a Python where torch + transformers import")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--torch-worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.requests, args.prompt_len, args.output_len = \
@@ -259,27 +237,22 @@ def print_table(records, meta, limits, note, slo_ms) -> None:
     print(f" {note}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_main(worker, args.worker, args.worker_out)
+def main(args) -> int:
     if args.torch_worker:
-        return worker_main(torch_worker, args.torch_worker, args.worker_out)
+        return harness.worker_main(torch_worker, args.torch_worker, args.worker_out)
     from mpipar.model.config import get_preset
     meta, config = machine(), get_preset(args.preset)
-    cfg = {"preset": args.preset, "requests": args.requests, "prompt_len": args.prompt_len,
-           "output_len": args.output_len, "seed": args.seed, "vocab": config.vocab_size,
-           "budget": args.budget}
+    cfg = workload_config(args, config)
     reqs = workload(cfg)
     inter = config.moe_intermediate_size if config.is_moe else config.intermediate_size
-    limits = machine_limits(args.budget, config.hidden_size, inter, 16 if args.quick else 256,
-                            1, 2, 256 if args.quick else 1024)
+    limits = one_core_limits(args.budget, config.hidden_size, inter,
+                             16 if args.quick else 256, 1, 2, 256 if args.quick else 1024)
     base = {"workload": "offline", "requests": len(reqs),
             "output_tokens": sum(o for _, o in reqs)}
     records = []
     for layout in args.layouts.split(","):
         tp, pp, dp = LAYOUTS[layout]
-        res = launch_worker(HERE, tp * pp * dp, {**cfg, "layout": layout}, args.timeout)
+        res = harness.launch_worker(HERE, tp * pp * dp, {**cfg, "layout": layout}, args.timeout)
         records.append({**base, "impl": "mpipar", "layout": layout, **res,
                         "output_tokens_per_s": res["output_tokens"] / res["seconds"],
                         "roofline_output_tokens_per_s": roofline(
@@ -309,14 +282,11 @@ def main(argv=None) -> int:
     print_table(records, meta, limits, note.split(";")[0], slo_ms)
     if skipped:
         print(f" transformers: skipped ({skipped})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "serve", "preset": args.preset, "machine": meta,
-                       "limits": limits, "workload": {k: cfg[k] for k in (
-                           "requests", "prompt_len", "output_len", "seed", "budget")},
-                       "torch_skipped": skipped, "records": records}, f, indent=1)
+    shape = {k: cfg[k] for k in ("requests", "prompt_len", "output_len", "seed", "budget")}
+    harness.write_report(args.json, "serve", meta, records, preset=args.preset, limits=limits,
+                         workload=shape, torch_skipped=skipped)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run(parse_args, worker, main))

@@ -15,8 +15,8 @@ Roofline of one core, measured in the same run:
             the sgemm measured on the prefill's own shape [N, h] x [h, I].
   decode    memory-bound. Bytes = every weight read once per token (layers, final
             norm, lm_head; the embedding row is negligible). Fraction = (bytes / TPOT)
-            / copy bandwidth, where copy bandwidth is STREAM's convention
-            (read + write bytes per second of a large ``np.copyto``); the matrix-vector
+            / copy bandwidth, where copy bandwidth counts bytes read + written
+            (``bench.machine.copy_bandwidth``, STREAM's convention); the matrix-vector
             read bandwidth of a large float32 sgemv is printed beside it.
 
 The alternative a user would pick is transformers on PyTorch CPU, one thread (seeded
@@ -28,23 +28,17 @@ same machine; otherwise that row says why it is absent. Never a dependency.
 
 Medians after a warm-up over ``--repeats`` quiet rounds: a round counts when other
 processes kept fewer than 0.2 cores busy meanwhile (``LoadProbe``: /proc/stat busy time
-minus this process's CPU time); up to 4x as many rounds are tried.
-
-BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread before NumPy loads.
+minus this process's CPU time); up to 4x as many rounds are tried. One core's limits:
+``bench.machine.one_core_limits``. Harness (flags, one BLAS thread): mpipar/bench/.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import time
 
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
-from mpipar.benchkit import QUIET_CORES, LoadProbe, machine, quiet_rounds  # noqa: E402
+from mpipar.bench import harness
+from mpipar.bench.machine import QUIET_CORES, LoadProbe, machine, one_core_limits, quiet_rounds
 
 SEEDED_TORCH = {"decode_ms_per_token": 28.0, "prefill_tokens_per_s": 377.0}
 
@@ -53,41 +47,6 @@ def once(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    return statistics.median([once(fn) for _ in range(max(repeats, 1))])
-
-
-def machine_limits(n: int, h: int, inter: int, mib: int, repeats: int,
-                   patience: int = 4, square: int = 2048) -> dict:
-    """sgemm GFLOP/s (best of the prefill's MLP shapes, weights stored [out, in] as the
-    engine holds them, and a ``square``^3 one), copy and sgemv bandwidth (GB/s)."""
-    import numpy as np
-    rng = np.random.default_rng(0)
-    shapes = {f"{m}x{k}x{o}": (rng.standard_normal((m, k), dtype=np.float32),
-                               rng.standard_normal((o, k), dtype=np.float32))
-              for m, k, o in ((n, h, inter), (n, inter, h), (square,) * 3)}
-    src = np.ones(mib * 2**20 // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    mat, x = src.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
-
-    def one_round():
-        out = {name: median_time(lambda a=a, w=w: a @ w.T, 3) for name, (a, w) in shapes.items()}
-        out["copy"] = median_time(lambda: np.copyto(dst, src), 3)
-        out["sgemv"] = median_time(lambda: mat @ x, 3)
-        return out
-
-    res = quiet_rounds(LoadProbe(), repeats, one_round, patience)
-    t = res["median"]
-    gflops = {name: 2 * a.shape[0] * a.shape[1] * w.shape[0] / t[name] / 1e9
-              for name, (a, w) in shapes.items()}
-    best = max(gflops, key=gflops.get)
-    return {"sgemm_gflops": gflops[best], "sgemm_shape": best, "sgemm_all": gflops,
-            "copy_gbs": 2 * src.nbytes / t["copy"] / 1e9,
-            "sgemv_read_gbs": src.nbytes / t["sgemv"] / 1e9, "buffer_mib": mib,
-            "round_other_load_cores": res["loads"], "quiet_rounds": res["quiet"]}
 
 
 def work(config, n: int) -> dict:
@@ -172,17 +131,12 @@ def compare(runners: dict, repeats: int, patience: int) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__, workers=False, timeout=None)
     p.add_argument("--preset", default="bench-166m")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--decode", type=int, default=32, help="decode tokens timed")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch", choices=("auto", "off"), default="auto")
     p.add_argument("--buffer-mib", type=int, default=512, help="bandwidth test buffer")
-    p.add_argument("--patience", type=int, default=4,
-                   help="at most patience*repeats rounds to find quiet ones")
-    p.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
-    p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.prompt_len, args.decode, args.repeats = "builtin-moe", 32, 4, 1
@@ -191,15 +145,15 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     meta = machine()  # before the runs: is anything else busy?
     from mpipar.model.init import open_model
     source = open_model(preset=args.preset)
     config = source.config
-    prompt = [(31 * i + 7) % config.vocab_size for i in range(args.prompt_len)]
+    prompt = harness.prompts_for(1, args.prompt_len, config.vocab_size)[0]
     inter = config.intermediate_size if not config.is_moe else config.moe_intermediate_size
-    limits = machine_limits(args.prompt_len, config.hidden_size, inter, args.buffer_mib,
-                            args.repeats, args.patience, 256 if args.quick else 2048)
+    limits = one_core_limits(args.prompt_len, config.hidden_size, inter, args.buffer_mib,
+                             args.repeats, args.patience, 256 if args.quick else 2048)
     w = work(config, args.prompt_len)
     runners = {"mpipar": mpipar_runner(source, prompt, args.decode)}
     skipped = None
@@ -250,11 +204,9 @@ def main(argv=None) -> int:
     print(f" quiet rounds (other load < {QUIET_CORES} cores) / rounds: {quiet}")
     print(f" (seeded: transformers {SEEDED_TORCH['prefill_tokens_per_s']:.0f} prefill tok/s, "
           f"{SEEDED_TORCH['decode_ms_per_token']:.0f} ms/token decode)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "single_rank", "preset": args.preset, "machine": meta,
-                       "limits": limits, "work": w, "seeded_transformers": SEEDED_TORCH,
-                       "torch_skipped": skipped, "records": records}, f, indent=1)
+    harness.write_report(args.json, "single_rank", meta, records, preset=args.preset,
+                         limits=limits, work=w, seeded_transformers=SEEDED_TORCH,
+                         torch_skipped=skipped)
     return 0
 
 

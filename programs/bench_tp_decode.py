@@ -21,37 +21,20 @@ decode step into attention, MLP, the TP all-reduces and the rest (argmax over th
 vocab-parallel head, Python bookkeeping). Runs with more ranks than cores are marked
 "oversubscribed" and not compared against the targets.
 
-Quiet rounds and machine facts: mpipar/benchkit.py.
-
-BLAS: ``mpipar.pin_threads()`` pins OpenBLAS/OMP/MKL to one thread per rank before NumPy loads.
+Harness (flags, launch, one BLAS thread per rank), quiet rounds and machine facts:
+mpipar/bench/.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
-import mpipar
-
-mpipar.pin_threads()  # one BLAS thread per rank, before numpy and MPI load
-from mpipar.benchkit import (  # noqa: E402
-    LoadProbe,
-    ints,
-    launch_worker,
-    load_note,
-    machine,
-    quiet_rounds,
-    worker_main,
-)
+from mpipar.bench import harness
+from mpipar.bench.machine import LoadProbe, machine, quiet_rounds
 
 HERE = os.path.abspath(__file__)
 TARGETS = {1: 0.75, 16: 0.60}  # batch -> max tp=2 / tp=1 TPOT
-
-
-def prompts_for(batch: int, length: int, vocab: int) -> list:
-    return [[(97 * s + 31 * i + 7) % vocab for i in range(length)] for s in range(batch)]
 
 
 def breakdown(ledger, n_layers: int, steps: int, tpot: float) -> dict:
@@ -82,7 +65,7 @@ def worker(cfg: dict) -> dict | None:
     model = ParallelModel(comms, source)
     vocab, layers = source.config.vocab_size, source.config.num_layers
     new = cfg["new_tokens"]
-    sets = {b: prompts_for(b, cfg["prompt_len"], vocab) for b in cfg["batches"]}
+    sets = {b: harness.prompts_for(b, cfg["prompt_len"], vocab) for b in cfg["batches"]}
     for b in cfg["batches"]:  # warm-up: BLAS buffers, page faults, code paths
         offline.generate(model, sets[b], max(2, new // 4))
 
@@ -104,33 +87,21 @@ def worker(cfg: dict) -> dict | None:
             parts[b] = breakdown(comms.ledger, layers, new - 1, gen.tpot_s)
     if world.rank != 0:
         return None
-    return {"mpi": MPI.Get_library_version().splitlines()[0].strip(),
-            "records": [{"tp": cfg["tp"], "batch": b, "ranks": world.size,
-                         "oversubscribed": world.size > (os.cpu_count() or 1),
-                         "tpot_s": res["median"][b], "tpot_all_s": [r[b] for r in res["all"]],
-                         "round_other_load_cores": res["loads"], "quiet_rounds": res["quiet"],
-                         "breakdown_ms_per_token": parts[b]} for b in cfg["batches"]]}
-
-
-def launch(n: int, cfg: dict, timeout: float) -> dict:
-    return launch_worker(HERE, n, cfg, timeout)
+    return harness.worker_records([
+        {"tp": cfg["tp"], "batch": b, "ranks": world.size,
+         "oversubscribed": harness.oversubscribed(world.size), "tpot_s": res["median"][b],
+         "tpot_all_s": [r[b] for r in res["all"]], "round_other_load_cores": res["loads"],
+         "quiet_rounds": res["quiet"], "breakdown_ms_per_token": parts[b]}
+        for b in cfg["batches"]])
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--preset", default="bench-dense-300m")
-    p.add_argument("--tp", type=ints, default=[1, 2], help="comma list (4: oversubscribed)")
-    p.add_argument("--batch", type=ints, default=[1, 16])
+    p.add_argument("--tp", type=harness.ints, default=[1, 2], help="comma list (4: oversubscribed)")
+    p.add_argument("--batch", type=harness.ints, default=[1, 16])
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--patience", type=int, default=4,
-                   help="at most patience*repeats rounds to find quiet ones")
-    p.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.patience = 1
@@ -139,6 +110,11 @@ def parse_args(argv):
     if args.new_tokens < 3:
         p.error("--new-tokens must be at least 3")
     return args
+
+
+LEGEND = ("(ms per decode token on rank 0. allred: every TP all-reduce; the one after "
+          "attention is outside attn,\n the one after the MLP inside mlp. head+: outside "
+          "the layers: lm_head of the vocab slice, argmax + its all-gather, bookkeeping)")
 
 
 def table(records) -> str:
@@ -160,33 +136,19 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_main(worker, args.worker, args.worker_out)
-    cfg = {"preset": args.preset, "batches": args.batch, "new_tokens": args.new_tokens,
-           "prompt_len": args.prompt_len, "repeats": args.repeats, "patience": args.patience}
+def main(args) -> int:
+    cfg = {"batches": args.batch,
+           **harness.pick(args, "preset", "new_tokens", "prompt_len", "repeats", "patience")}
     meta = machine()  # before the runs: is anything else busy?
-    records, mpi = [], None
-    for tp in args.tp:
-        res = launch(tp, {**cfg, "tp": tp}, args.timeout)
-        records += [{**r, "other_load_cores": res["other_load_cores"]} for r in res["records"]]
-        mpi = res["mpi"]
-    print(f"bench_tp_decode: {args.preset}, prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens, median of {args.repeats} after a warm-up; "
-          f"{meta['cores']} cores, {meta['memory_gib']} GiB, one BLAS thread per rank; {mpi}")
-    print(table(records))
-    print(load_note(records))
-    print("(ms per decode token on rank 0. allred: every TP all-reduce; the one after "
-          "attention is outside attn,\n the one after the MLP inside mlp. head+: outside "
-          "the layers: lm_head of the vocab slice, argmax + its all-gather, bookkeeping)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "tp_decode", "preset": args.preset, "machine": meta,
-                       "mpi": mpi, "targets_tp2_over_tp1": TARGETS, "records": records},
-                      f, indent=1)
+    jobs = [(tp, {**cfg, "tp": tp}) for tp in args.tp]
+    records, mpi = harness.launch_all(HERE, jobs, args.timeout)
+    harness.print_report(f"bench_tp_decode: {args.preset}, prompt {args.prompt_len} tokens, "
+                         f"{args.new_tokens} new tokens, median of {args.repeats} after a warm-up",
+                         meta, mpi, table(records), records, LEGEND)
+    harness.write_report(args.json, "tp_decode", meta, records, preset=args.preset, mpi=mpi,
+                         targets_tp2_over_tp1=TARGETS)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.run(parse_args, worker, main))

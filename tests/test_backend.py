@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from mpipar import backend
+from mpipar.comm.allreduce import ring_allreduce
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
 from mpipar.comm.p2p import recv_array, send_array
-from mpipar.comm.ring import ring_allreduce
 
 
 class DeviceArray(np.ndarray):

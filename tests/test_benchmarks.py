@@ -9,10 +9,12 @@ join it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -29,6 +31,16 @@ def bench(name, tmp_path, *extra, timeout=180):
                           timeout=timeout, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
+
+
+def load_program(name):
+    """programs/NAME.py as a module (its tables and verdicts, without running it)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(PROGRAMS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings():  # the harness pins BLAS threads: numpy is loaded here
+        warnings.simplefilter("ignore")
+        spec.loader.exec_module(module)
+    return module
 
 
 def positive(x):
@@ -51,13 +63,25 @@ def test_pp_ttft(tmp_path):
     got = {(r["pp"], r["chunks"]) for r in rec["records"]}
     assert got == {(1, 1), (1, 4), (2, 1), (2, 4)}
     assert all(positive(r["ttft_s"]) for r in rec["records"])
-    # The verdict is the fastest pp=2 run and its ratio to K=1, as the records say.
+    # The verdict is the fastest chunked (K > 1) pp=2 run and its ratio to K=1, as the
+    # records say: the claim is about chunking, so K=1 is the reference, never the best.
     pp2 = {r["chunks"]: r["ttft_s"] for r in rec["records"] if r["pp"] == 2}
-    best = min(pp2, key=pp2.get)
+    best = min((k for k in pp2 if k > 1), key=pp2.get)
     v = rec["verdict"]
     assert v["best_chunks"] == best and v["best_over_k1"] == pytest.approx(pp2[best] / pp2[1])
-    assert v["best_over_k1"] <= 1.0 and v["holds"] == (v["best_over_k1"] <= v["target"])
+    assert v["holds"] == (v["best_over_k1"] <= v["target"])
     assert f"best K = {best}: {v['best_over_k1']:.3f} x" in text
+
+
+def test_pp_ttft_verdict_when_chunks_do_not_help():
+    """Where every chunked run is slower than one piece, the verdict says so: the best
+    chunked K, a ratio above 1, target missed (a minimum that took K=1 in would say 1.0)."""
+    table = load_program("bench_pp_ttft").table
+    runs = [(1, 1, 1.0), (1, 4, 1.1), (2, 1, 1.0), (2, 4, 1.3), (2, 8, 1.2)]
+    text, v = table([{"pp": pp, "chunks": k, "ranks": pp, "oversubscribed": False,
+                      "ttft_s": t} for pp, k, t in runs])
+    assert v["best_chunks"] == 8 and v["best_over_k1"] == pytest.approx(1.2)
+    assert not v["holds"] and "best K = 8: 1.200 x the K=1 time" in text and "MISSED" in text
 
 
 def test_ep_dispatch(tmp_path):

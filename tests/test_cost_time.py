@@ -1,6 +1,6 @@
 """mpipar.cost.time (with cost.work and cost.machine): each term against a hand
 computation, the schedule's composition, the placement rule, the machine files, the
-planner's time ranking, and benchkit's machine measurements.
+planner's time ranking, and bench.machine's measurements.
 
 Pure arithmetic except the last tests (small NumPy timings; the link probe needs 2+
 ranks). Every rank runs every test.
@@ -253,18 +253,18 @@ def test_plan_cli_filters_and_json(tmp_path):
     assert fit == sorted(fit) and doc["gpu_mem_gb"] == 80  # the machine's memory
 
 
-def test_benchkit_figures_are_measured():
-    from mpipar import benchkit
+def test_bench_machine_figures_are_measured():
+    from mpipar.bench import machine as benchkit
     rates = benchkit.sgemm_rates(rows=(1, 8), k=256, out=512, mib=2, min_time=0.01)
     assert set(rates) == {1, 8} and all(r > 1e6 for r in rates.values())
     assert benchkit.read_bandwidth(mib=8, min_time=0.01) > 1e8
     assert benchkit.copy_bandwidth(mib=8, min_time=0.01) > 1e8
 
 
-def test_benchkit_link_between_ranks():
+def test_bench_machine_link_between_ranks():
     from mpi4py import MPI
 
-    from mpipar import benchkit
+    from mpipar.bench import machine as benchkit
     from mpipar.comm.group import Group
     from mpipar.comm.ledger import Ledger
     world = MPI.COMM_WORLD

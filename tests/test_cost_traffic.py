@@ -107,7 +107,7 @@ def test_exact_allreduce_matches_seed():
         assert all(abs(t.sent - seed) <= 2 * (n - 1) * item for t in ts)
     # "auto" = what ring_allreduce does: big messages go round the ring; small ones (one
     # decode token) by recursive doubling: n=4 -> 2 exchanges of the whole S per rank
-    from mpipar.comm.ring import RECURSIVE_DOUBLING_MAX_BYTES
+    from mpipar.comm.allreduce import RECURSIVE_DOUBLING_MAX_BYTES
     big = RECURSIVE_DOUBLING_MAX_BYTES // 2 + 2
     assert cm.exact_allreduce_sent(big, 4, 4, 1, "auto") == cm.exact_allreduce_sent(big, 4, 4, 1)
     assert cm.exact_allreduce_sent(4096, 2, 4, 1, "auto") == (2 * 8192, 2 * 8192)

@@ -127,10 +127,10 @@ def test_disaggregated_server_serves_concurrent_requests_exactly(fixtures_dir):
 
     import numpy as np
 
+    from mpipar.bench.job import ServerJob
     from mpipar.model.checkpoint import CheckpointReader
     from mpipar.model.reference import ReferenceModel, generate
     from mpipar.model.sampling import Sampler
-    from mpipar.serve.job import ServerJob
     tiny = os.path.join(fixtures_dir, "qwen3-tiny")
     rng = np.random.default_rng(3)
     prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (5, 40, 17, 64, 9, 33)]

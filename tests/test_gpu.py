@@ -56,7 +56,7 @@ def test_reference_on_gpu_matches_fixtures(fixtures_dir, name):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_ring_allreduce_cupy_buffers(world, dtype):
-    from mpipar.comm.ring import ring_allreduce
+    from mpipar.comm.allreduce import ring_allreduce
     from mpipar.model.checkpoint import as_dtype
     group, ledger = _transport_group(world)
     rng = np.random.default_rng(world.Get_rank())

@@ -1,4 +1,6 @@
-"""Ring all-reduce, reduce-scatter, all-gather against MPI's own collectives.
+"""The all-reduce (comm/allreduce.py: the ring of comm/ring.py, recursive doubling of
+comm/recursive_doubling.py, the choice between them), reduce-scatter and all-gather
+against MPI's own collectives.
 
 Runs on the world communicator and on 2- and 3-rank sub-communicators split from it
 (ranks outside a sub-communicator pass through; rank 0 is in all of them). On a world
@@ -15,9 +17,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpipar.comm import ring
+from mpipar.comm import allreduce, ring
 from mpipar.comm.group import Group
 from mpipar.comm.ledger import Ledger
+from mpipar.comm.recursive_doubling import recursive_doubling_bytes
 from mpipar.comm.wire import mpi_type
 
 WORLD = MPI.COMM_WORLD
@@ -105,14 +108,14 @@ def check_allreduce(g, dtype, n_elems, algorithm):
     x = rand(dtype, n_elems, seed=1000 * g.rank + n_elems)
     x_before = x.copy()
     g.ledger.reset()
-    y = ring.ring_allreduce(g, x, algorithm=algorithm)
+    y = allreduce.ring_allreduce(g, x, algorithm=algorithm)
     assert y.shape == x.shape and y.dtype == x.dtype
     np.testing.assert_array_equal(x, x_before)        # input untouched
     ref, tol = mpi_reference(g.comm, x)
     check_close(y.astype(ref.dtype), ref, tol)
     same_on_all_ranks(g.comm, y)
     e = g.ledger.totals()["tp_allreduce"]
-    want = ring.allreduce_bytes(n_elems, x.itemsize, g.size, g.rank, algorithm)
+    want = allreduce.allreduce_bytes(n_elems, x.itemsize, g.size, g.rank, algorithm)
     assert (e["sent_bytes"], e["recv_bytes"]) == want, (dtype, n_elems)
     if g.size == 1 or n_elems == 0:
         assert want == (0, 0)
@@ -137,7 +140,7 @@ def test_allreduce_auto(comms, which):
     g = get_group(comms, which)
     if g is None:
         return
-    edge = ring.RECURSIVE_DOUBLING_MAX_BYTES // 4
+    edge = allreduce.RECURSIVE_DOUBLING_MAX_BYTES // 4
     for dtype in (np.dtype(np.float32), BF16):
         for n_elems in (0, 5, edge, edge + 1, 3 * edge + 7):
             check_allreduce(g, dtype, n_elems, "auto")
@@ -150,20 +153,20 @@ def test_allreduce_shapes_out_and_kind(comms, which):
         return
     x = rand(np.float32, (7, 3, 5), seed=g.rank)
     ref, tol = mpi_reference(g.comm, x)
-    y = ring.ring_allreduce(g, x, kind="custom")
+    y = allreduce.ring_allreduce(g, x, kind="custom")
     assert y.shape == (7, 3, 5)
     check_close(y.reshape(-1), ref, tol)
     assert g.ledger.totals()["custom"]["calls"] == 1
     xt = rand(np.float64, (40, 31), seed=g.rank).T     # not contiguous
     ref, tol = mpi_reference(g.comm, xt)
-    check_close(ring.ring_allreduce(g, xt, algorithm="ring").reshape(-1), ref, tol)
+    check_close(allreduce.ring_allreduce(g, xt, algorithm="ring").reshape(-1), ref, tol)
     out = np.empty_like(x)
-    assert ring.ring_allreduce(g, x, out=out) is out
+    assert allreduce.ring_allreduce(g, x, out=out) is out
     big = rand(np.float32, 10007, seed=g.rank)
     ref, tol = mpi_reference(g.comm, big)
     for algorithm in ("ring", "recursive_doubling"):
         inplace = big.copy()
-        ring.ring_allreduce(g, inplace, out=inplace, algorithm=algorithm)   # out is x
+        allreduce.ring_allreduce(g, inplace, out=inplace, algorithm=algorithm)   # out is x
         check_close(inplace, ref, tol)
 
 
@@ -235,8 +238,8 @@ def test_textbook_ring_equals_fast_ring(comms, which, monkeypatch):
         for n_elems in (1, 7, 1001):
             x = rand(dtype, n_elems, seed=11 * g.rank + n_elems)
             g.ledger.reset()
-            fast = ring.ring_allreduce(g, x, algorithm="ring", kind="fast")
-            slow = ring.ring_allreduce(g, x, algorithm="textbook", kind="textbook")
+            fast = allreduce.ring_allreduce(g, x, algorithm="ring", kind="fast")
+            slow = allreduce.ring_allreduce(g, x, algorithm="textbook", kind="textbook")
             np.testing.assert_array_equal(fast.view(np.uint8), slow.view(np.uint8))
             t = g.ledger.totals()
             assert [t[k]["sent_bytes"] for k in ("fast", "textbook")] == \
@@ -285,17 +288,17 @@ def test_chunk_bounds_and_bytes():
             assert sum(s for s, _ in per) == sum(v for _, v in per)
             if n_elems % n == 0:   # the seed's formula: 2 (n-1)/n S per rank
                 assert all(s == 2 * (n - 1) * n_elems * 4 // n for s, _ in per)
-            small = [ring.recursive_doubling_bytes(n_elems, 4, n, r) for r in range(n)]
+            small = [recursive_doubling_bytes(n_elems, 4, n, r) for r in range(n)]
             assert sum(s for s, _ in small) == sum(v for _, v in small)
-    rd = ring.recursive_doubling_bytes
+    rd = recursive_doubling_bytes
     assert rd(10, 4, 4, 0) == (80, 80)             # log2(4) exchanges
     assert rd(10, 4, 3, 0) == (40, 40)             # sat out: send, get back
     assert rd(10, 4, 3, 1) == (80, 80)             # pair + 1 exchange + back
-    assert ring.allreduce_bytes(8, 4, 4, 0) == ring.recursive_doubling_bytes(8, 4, 4, 0)
-    assert ring.allreduce_bytes(1 << 20, 4, 4, 0) == ring.ring_bytes(1 << 20, 4, 4, 0)
-    assert ring.allreduce_bytes(8, 4, 4, 0, "textbook") == ring.ring_bytes(8, 4, 4, 0)
+    assert allreduce.allreduce_bytes(8, 4, 4, 0) == recursive_doubling_bytes(8, 4, 4, 0)
+    assert allreduce.allreduce_bytes(1 << 20, 4, 4, 0) == ring.ring_bytes(1 << 20, 4, 4, 0)
+    assert allreduce.allreduce_bytes(8, 4, 4, 0, "textbook") == ring.ring_bytes(8, 4, 4, 0)
     with pytest.raises(ValueError):
-        ring.allreduce_bytes(8, 4, 4, 0, "tree")
+        allreduce.allreduce_bytes(8, 4, 4, 0, "tree")
 
 
 @pytest.mark.parametrize("which", COMMS)
@@ -310,7 +313,7 @@ def test_pieces_pipeline(comms, which, monkeypatch):
             x = rand(dtype, n_elems, seed=3 * g.rank + n_elems)
             g.ledger.reset()
             ref, tol = mpi_reference(g.comm, x)
-            check_close(ring.ring_allreduce(g, x, algorithm="ring").astype(ref.dtype),
+            check_close(allreduce.ring_allreduce(g, x, algorithm="ring").astype(ref.dtype),
                         ref, tol)
             want = ring.ring_bytes(n_elems, x.itemsize, g.size, g.rank)
             e = g.ledger.totals()["tp_allreduce"]
@@ -346,7 +349,7 @@ def test_transport_hooks(comms, algorithm, monkeypatch):
     g = Group(WORLD, "tp", Ledger(), transport=tr)
     x = rand(np.float32, 1001, seed=g.rank)
     ref, tol = mpi_reference(WORLD, x)
-    check_close(ring.ring_allreduce(g, x, algorithm=algorithm), ref, tol)
+    check_close(allreduce.ring_allreduce(g, x, algorithm=algorithm), ref, tol)
     ref, tol = mpi_reference(WORLD, x, op="reduce_scatter")
     check_close(ring.ring_reduce_scatter(g, x), ref, tol)
     np.testing.assert_array_equal(ring.ring_allgather(g, x), np.concatenate(WORLD.allgather(x)))

@@ -1,7 +1,7 @@
 """programs/serve.py as a user runs it: ``mpirun -n 2|4 python programs/serve.py ...``.
 
 Launcher tests (rank 0 only): each starts the server through mpipar/launch.py on a free
-loopback port (mpipar/serve/job.py), waits for /health, and always ends the job. Against
+loopback port (mpipar/bench/job.py), waits for /health, and always ends the job. Against
 the real engine over MPI: the official ``openai`` client (completions, streaming, chat
 through a chat template) and ``curl``; greedy tokens of many concurrent clients, with a
 KV pool small enough that requests queue, equal the single-process reference of each
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.launcher
 sys.path.insert(0, os.path.dirname(__file__))
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-from mpipar.serve.job import PROGRAM, ServerJob  # noqa: E402
+from mpipar.bench.job import PROGRAM, ServerJob  # noqa: E402
 
 SMALL_POOL = ["--kv-cache-tokens", "256", "--block-size", "16", "--max-model-len", "128",
               "--max-num-seqs", "4", "--max-num-batched-tokens", "48"]
@@ -202,7 +202,7 @@ def test_four_ranks_pp_tp_api_key_idle_and_sigterm():
         time.sleep(2.0)
         idle_cores = (cpu_seconds(ranks) - busy) / 2.0
         assert idle_cores < 0.25, f"an idle server keeps {idle_cores:.2f} cores busy"
-        from mpipar.serve.loadgen import stream_one
+        from mpipar.bench.loadgen import stream_one
         streamed = []  # a long request still streaming when SIGTERM comes
         t = threading.Thread(target=lambda: streamed.append(stream_one(
             job.url, [5] * 10, 115, {"Authorization": "Bearer k3y"})))

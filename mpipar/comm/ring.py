@@ -1,4 +1,5 @@
-"""Hand-coded all-reduce on point-to-point messages: textbook ring, fast ring, recursive doubling.
+"""The ring: all-reduce (textbook and fast), reduce-scatter and all-gather on point-to-point
+messages.
 
 The math (the seed's): an all-reduce (SUM) of an array of S bytes over n ranks is
   1. reduce-scatter: the array is cut into n chunks (``chunk_bounds``); in n-1 steps
@@ -10,54 +11,34 @@ The math (the seed's): an all-reduce (SUM) of an array of S bytes over n ranks i
 Each rank sends (and receives) one chunk per step, 2(n-1) chunks of S/n bytes:
   bytes sent per rank = 2 (n-1)/n * S   (``ring_bytes`` gives the exact figure with the
   chunk rounding: chunks of an uneven split differ by one element).
-Time ~ 2(n-1) (alpha + S/(n B)): bandwidth-optimal, but 2(n-1) latencies alpha.
-``algorithm="textbook"`` (``_textbook``) is exactly these two loops, one blocking
-Sendrecv a step, as a reader writes it from the seed; ``algorithm="ring"`` is the same
-ring made fast (below), with the same chunks and the same order of additions, so the two
-agree bitwise.
-
-Small messages take recursive doubling instead (``algorithm="recursive_doubling"``;
-``auto`` picks it up to ``RECURSIVE_DOUBLING_MAX_BYTES``): log2(p) exchanges of the
-whole array with partner rank ^ 2^k, p the largest power of two <= n. For n not a power
-of two the first 2(n-p) ranks pair up first (the even rank sends its array to the odd
-one, which adds) and the odd ones send the result back at the end. Bytes
-(``recursive_doubling_bytes``): a rank in the power-of-two set sends and receives
-log2(p) S, an odd pair member one S more each way, a rank that sits out sends S and
-receives S. Time ~ (log2 p (+2)) (alpha + S/B). Crossover: at n=2 both send S per rank
-and recursive doubling has one latency instead of two; at n=4 it costs 2S against 1.5S
-and saves 4 latencies, so it wins while S < 8 alpha B. On the 2-core test box alpha is
-about 5 us with a core per rank and 30-60 us with 4 ranks on 2 cores (0.1-0.3 ms where
-waiting ranks yield their core, past 2 ranks per core: mpipar/__init__.py), and B 2-5
-GB/s: measured, recursive doubling is faster up to 0.25-1 MiB at 4 ranks, hence 256 KiB.
-Each exchange is one Sendrecv: at this size the cost is the number of MPI calls. A
-decode step's all-reduce (one token a sequence, a few KiB) takes this path: log2(T) S
-per rank, not 2(T-1)/T S.
-
-Every rank of the group ends with the bitwise same result: in the ring each chunk is
-summed on one rank and then copied; in recursive doubling both partners add the same
-two operands (IEEE addition commutes).
+Time ~ 2(n-1) (alpha + S/(n B)): bandwidth-optimal, but 2(n-1) latencies alpha, which is
+why small messages take recursive doubling instead (comm/recursive_doubling.py; the
+choice by size is comm/allreduce.py's ``ring_allreduce``). ``ring_reduce_scatter`` and
+``ring_allgather`` are the two halves alone, (n-1)/n * S per rank each.
+The textbook ring (``_textbook``) is exactly these two loops, one blocking Sendrecv a
+step, as a reader writes it from the seed; the fast ring (``_ring``) is the same ring
+made fast (below), with the same chunks and the same order of additions, so the two
+agree bitwise. Every rank of the group ends with the bitwise same result: each chunk is
+summed on one rank and then copied.
 
 Dtypes: float32/64 and integers (wrap-around, like MPI) move as themselves; bool sums
 as logical OR. float16/bfloat16 move as their 16 bits, so the bytes are those of the
-16-bit array (the cost model's S). Each addition (``_add``) widens both operands to
-float32 (``wire.acc_dtype``), adds, and rounds once to 16 bits, on every backend (CuPy's
-native float16 add included); since a partial sum crosses the wire as 16 bits, a result
-is rounded once per hop: n-1 times in the ring, log2(p) (+1) times in recursive
-doubling. A float32 wire would round once in all but double the bytes of the
-reduce-scatter.
+16-bit array (the cost model's S). Each addition (``_add``, also recursive doubling's)
+widens both operands to float32 (``wire.acc_dtype``), adds, and rounds once to 16 bits,
+on every backend (CuPy's native float16 add included); since a partial sum crosses the
+wire as 16 bits, a result is rounded once per hop: n-1 times in the ring. A float32
+wire would round once in all but double the bytes of the reduce-scatter.
 
-Speed (host arrays; measured against MPICH's Allreduce, see programs/bench_allreduce):
-no copy of the input is made and no per-step buffers: all receives of a pass are
-posted up front straight into the output (a reduce-scatter chunk lands in ``out``, gets
-the local contribution added in place (``_add``) and moves on),
-the step-0 send goes out before any wait, each piece is forwarded as soon as it
-lands, and the all-gather starts with the first finished piece of the reduce-scatter.
-Chunks longer than ``SEGMENT_BYTES`` go in pieces, so the next rank starts on
-the first piece while the rest still arrive. Pieces small enough to stay in cache
-(256 KiB) were slower here: with MPICH's single-copy (CMA) transfers each message costs
-a rendezvous and, on a busy box, a yield of the core, which outweighs the cache misses
-of the add. (Polling a while before MPI's own yielding wait did not pay: no gain at 2
-ranks, 15% slower small messages at 4 ranks on 2 cores.)
+The fast ring (host arrays; measured against MPICH's Allreduce by
+programs/bench_allreduce.py, results in the README): no copy of the input is made and
+no per-step buffers: all receives of a pass are posted up front straight into the output
+(a reduce-scatter chunk lands in ``out``, gets the local contribution added in place
+(``_add``) and moves on), the step-0 send goes out before any wait, each piece is
+forwarded as soon as it lands, and the all-gather starts with the first finished piece
+of the reduce-scatter. Chunks longer than ``SEGMENT_BYTES`` go in pieces, so the next
+rank starts on the first piece while the rest still arrive: a pipeline of n-1 + pieces
+steps instead of n-1 chunk-long ones. Each piece is a message, with its rendezvous and
+wait, so pieces are large (the README's results say why not cache-sized ones).
 """
 
 from __future__ import annotations
@@ -65,10 +46,9 @@ from __future__ import annotations
 import time
 
 from .chunks import chunk_bounds  # noqa: F401  (part of this module's API)
-from .tags import RECURSIVE_DOUBLING, RING
+from .tags import RING
 from .wire import acc_dtype, buf_spec, recv_done
 
-RECURSIVE_DOUBLING_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this size
 SEGMENT_BYTES = 8 << 20        # ring pipeline piece (longer chunks go in pieces)
 
 
@@ -89,38 +69,6 @@ def ring_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int) -> tuple[in
     sent = sum(size[(r - k - 1) % n] + size[(r - k) % n] for k in range(n - 1))
     recv = sum(size[(r - k - 2) % n] + size[(r - k - 1) % n] for k in range(n - 1))
     return sent * itemsize, recv * itemsize
-
-
-def recursive_doubling_bytes(n_elems: int, itemsize: int, n_ranks: int,
-                             rank: int) -> tuple[int, int]:
-    """(sent, recv) bytes of ``rank`` in the recursive-doubling all-reduce."""
-    if n_ranks == 1:
-        return 0, 0
-    nbytes = n_elems * itemsize
-    p = 1 << (n_ranks.bit_length() - 1)
-    steps = p.bit_length() - 1
-    if rank < 2 * (n_ranks - p):
-        return (nbytes, nbytes) if rank % 2 == 0 else ((steps + 1) * nbytes, (steps + 1) * nbytes)
-    return steps * nbytes, steps * nbytes
-
-
-def allreduce_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int,
-                    algorithm: str = "auto") -> tuple[int, int]:
-    """(sent, recv) of ``ring_allreduce(..., algorithm)`` for this rank."""
-    if _pick(algorithm, n_elems * itemsize) == "recursive_doubling":
-        return recursive_doubling_bytes(n_elems, itemsize, n_ranks, rank)
-    return ring_bytes(n_elems, itemsize, n_ranks, rank)     # the fast and the textbook ring
-
-
-def _pick(algorithm: str, nbytes: int) -> str:
-    if algorithm == "auto":
-        return "recursive_doubling" if nbytes <= RECURSIVE_DOUBLING_MAX_BYTES else "ring"
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be auto or one of {ALGORITHMS}, not {algorithm!r}")
-    return algorithm
-
-
-ALGORITHMS = ("ring", "recursive_doubling", "textbook")
 
 
 def _add(xp, a, b, out):
@@ -314,78 +262,14 @@ def _textbook(group, out) -> tuple[int, int]:
     return sent, recv
 
 
-def _recursive_doubling(group, src, out) -> tuple[int, int]:
-    """Recursive doubling into ``out``; element counts. ``cur`` is this rank's partial
-    sum: ``src`` until the first addition writes ``out`` (no copy of src is made)."""
-    xp, n, r = group.xp, group.comm.Get_size(), group.comm.Get_rank()
-    tmp = xp.empty_like(out)                      # [N] partner's partial sum
-    p = 1 << (n.bit_length() - 1)
-    rem = n - p
-    sent = recv = 0
-    cur = src
-    newrank = r - rem if r >= 2 * rem else (r // 2 if r % 2 else -1)
-    if r < 2 * rem:                               # pair up to reach a power of two
-        if r % 2 == 0:
-            spec, _ = buf_spec(group, src)
-            group.comm.Send(spec, r + 1, RECURSIVE_DOUBLING[0])
-            sent += src.size
-        else:
-            spec, staged = buf_spec(group, tmp)
-            group.comm.Recv(spec, r - 1, RECURSIVE_DOUBLING[0])
-            recv_done(group, staged, tmp)
-            recv += tmp.size
-            cur = _add(xp, tmp, src, out)
-    mask = 1
-    while newrank >= 0 and mask < p:
-        peer_new = newrank ^ mask
-        peer = peer_new * 2 + 1 if peer_new < rem else peer_new + rem
-        _exchange(group, cur, peer, tmp, peer, RECURSIVE_DOUBLING[1])
-        sent, recv = sent + cur.size, recv + tmp.size
-        cur = _add(xp, cur, tmp, out)
-        mask <<= 1
-    if r < 2 * rem:                               # give the sat-out ranks the result
-        if r % 2 == 0:
-            spec, staged = buf_spec(group, out)
-            group.comm.Recv(spec, r + 1, RECURSIVE_DOUBLING[2])
-            recv_done(group, staged, out)
-            recv += out.size
-        else:
-            spec, _ = buf_spec(group, out)
-            group.comm.Send(spec, r - 1, RECURSIVE_DOUBLING[2])
-            sent += out.size
-    return sent, recv
-
-
-def ring_allreduce(group, x, kind=None, algorithm: str = "auto", out=None):
-    """SUM of x over the ranks of ``group``: same shape and dtype as x; x is not modified.
-
-    ``algorithm``: "ring" (reduce-scatter + all-gather), "recursive_doubling", "auto"
-    (recursive doubling up to RECURSIVE_DOUBLING_MAX_BYTES, else the ring) or "textbook"
-    (``textbook_allreduce``). ``out``: optional contiguous array of x's shape and dtype
-    to write into (may be x itself); returned.
-    """
-    t = time.perf_counter()
-    xp = group.xp
-    src = _flat(group, x)
-    if out is None:
-        out = xp.empty(x.shape, dtype=src.dtype)
-    elif out.shape != x.shape or out.dtype != src.dtype or not out.flags.c_contiguous:
-        raise ValueError("out must be a C-contiguous array of x's shape and dtype")
-    flat = out.reshape(-1)                        # [N] view of out
-    sent = recv = 0
-    picked = _pick(algorithm, src.nbytes)
-    if group.size == 1 or src.size == 0:
-        flat[...] = src
-    elif picked == "textbook":
-        flat[...] = src
-        sent, recv = _textbook(group, flat)
-    elif picked == "recursive_doubling":
-        sent, recv = _recursive_doubling(group, src, flat)
-    else:
-        if xp.may_share_memory(flat, src):
-            src = src.copy()                      # out is x: the ring reads x after writing
-        bounds = chunk_bounds(src.size, group.size)
-        sent, recv = _ring(group, src, flat, bounds, reduce=True, gather=True)
-    group.ledger.record(kind or group.kind("allreduce"), sent * src.itemsize,
-                        recv * src.itemsize, time.perf_counter() - t, t)
-    return out
+def ring_allreduce_into(group, src, out, textbook: bool = False) -> tuple[int, int]:
+    """The ring all-reduce of flat ``src`` [N] into flat ``out`` [N] (may be src; group
+    size > 1, N > 0): the fast ring, or with ``textbook`` the seed's two loops. Returns
+    (sent, recv) elements."""
+    if textbook:
+        out[...] = src
+        return _textbook(group, out)
+    if group.xp.may_share_memory(out, src):
+        src = src.copy()                          # out is x: the ring reads x after writing
+    return _ring(group, src, out, chunk_bounds(src.size, group.size), reduce=True,
+                 gather=True)

@@ -13,4 +13,5 @@ RESULT = 32               # serving: a step's sampled tokens back to world rank 
 KV_PIECE = 33             # serve/handoff.py: a piece of a prompt's K/V, prefill -> decode
 KV_ACK = 34               # serve/handoff.py: "every piece of transfer X is in", -> rank 0
 RING = 0x5A11             # comm/ring.py: every ring step
-RECURSIVE_DOUBLING = (RING + 1, RING + 2, RING + 3)  # fold in, exchange, unfold
+# comm/recursive_doubling.py: fold in, exchange, unfold
+RECURSIVE_DOUBLING = (RING + 1, RING + 2, RING + 3)

@@ -6,7 +6,7 @@ FLOP/s} measured, interpolated log-log between the points), the memory read band
 latency in s; a message of S bytes costs latency + S / bandwidth), ``gpus_per_node``,
 ``gpu_memory_gb`` and ``sources`` (where each published figure comes from). A machine
 whose ranks share memory bandwidth can add ``by_ranks`` ({"2": {figures}}: measured with
-that many ranks busy at once; ``Machine.at``). ``mpipar.benchkit.machine_figures``
+that many ranks busy at once; ``Machine.at``). ``mpipar.bench.machine.machine_figures``
 measures this machine in the same format.
 """
 

@@ -3,15 +3,15 @@
 Inputs: the work of one forward (``work.forward_matmuls``, ``work.attention_work``), the
 exact bytes each rank sends (``traffic.predict_rank``, the ledger's own prediction, with
 the EP rows of ``traffic.ep_rows_sent_away``) and a machine (``machine.Machine``:
-machines/*.json, or this machine as ``mpipar.benchkit.machine_figures`` measures it).
+machines/*.json, or this machine as ``mpipar.bench.machine.machine_figures`` measures it).
 One rank of stage s, a forward of N tokens (its DP replica's):
 
   products   each (M rows, P weights): max(2*M*P / rate(M), P*b / read_bw) -- compute
              or weight read, whichever is slower (rate(M): the machine's matrix rate at
              M rows; a published machine has one peak rate for every M)
   attention  per sequence and layer: max(FLOPs / rate(rows), KV bytes / read_bw)
-  all-reduce one of S bytes over n ranks (``comm.ring``): the ring sends 2(n-1) messages
-             of S/n, recursive doubling (S <= ``comm.ring.RECURSIVE_DOUBLING_MAX_BYTES``)
+  all-reduce one of S bytes over n ranks (``comm.allreduce``): the ring sends 2(n-1)
+             messages of S/n, recursive doubling (S <= RECURSIVE_DOUBLING_MAX_BYTES)
              log2(n) of S; time = messages * latency + bytes sent / bandwidth of the TP
              link (intra-node when the group is inside a node)
   EP         per MoE layer a count exchange and two Alltoallv of the predicted rows
@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from ..comm import ring
+from ..comm import allreduce
 from ..layout import offline_replicas
 from ..parallel.shard import split, stage_layers
 from .machine import Link, Machine
@@ -67,11 +67,11 @@ def attention_time(machine: Machine, config, layout, new: int, cached: int,
 
 
 def allreduce_time(link: Link, nbytes: int, n: int) -> float:
-    """mpipar's all-reduce of ``nbytes`` over n ranks (comm/ring.py's choice of path)."""
+    """mpipar's all-reduce of ``nbytes`` over n ranks (comm/allreduce.py's choice of path)."""
     if n == 1 or nbytes == 0:
         return 0.0
-    sent = ring.allreduce_bytes(nbytes, 1, n, 0)[0]
-    small = ring._pick("auto", nbytes) == "recursive_doubling"
+    sent = allreduce.allreduce_bytes(nbytes, 1, n, 0)[0]
+    small = allreduce._pick("auto", nbytes) == "recursive_doubling"
     messages = sent / nbytes if small else 2 * (n - 1)
     return link.message(sent, messages)
 
@@ -123,7 +123,7 @@ def forward_time(machine: Machine, config, layout, stage: int, pieces: list, cac
         "rows_sent_away": rows * moe, "rows_from_others": rows * moe,
         "eplb_rebalances": 0, "eplb_copies_sent": 0, "eplb_copy_bytes": 0})
     if t > 1:
-        per_call = ring.allreduce_bytes(n * h, itemsize, t, 0)[0]
+        per_call = allreduce.allreduce_bytes(n * h, itemsize, t, 0)[0]
         calls = (pred["tp_allreduce"] + pred["tp_embed"]) / per_call
         link = tp_link(layout, machine)
         out["tp"] = calls * allreduce_time(link, n * h * itemsize, t)

@@ -49,9 +49,9 @@ bits):
     eplb_weights  expert copies sent in rebalances * 3*h*m*b_weights (eplb.py)
 
 Each collective's bytes come from the exact formula of the algorithm it takes
-(``comm.ring.allreduce_bytes``): a prefill's all-reduce of S bytes goes by the ring,
+(``comm.allreduce.allreduce_bytes``): a prefill's all-reduce of S bytes goes by the ring,
 2(t-1)/t * S up to chunk rounding; a decode step's (a few KiB, up to
-``comm.ring.RECURSIVE_DOUBLING_MAX_BYTES``) by recursive doubling, log2(t) * S for t a
+``comm.allreduce.RECURSIVE_DOUBLING_MAX_BYTES``) by recursive doubling, log2(t) * S for t a
 power of two. Kinds the seed's model does not cover (tp_argmax, tp_logits, and the
 serving loop's step plans and sampled tokens: control, result) are not predicted. The
 sampled tokens reach stage 0 inside the next step's plan, so no token traffic runs
@@ -167,11 +167,11 @@ def exact_allreduce_sent(n_elems: int, itemsize: int, n: int, rank: int,
     "ring" (default, the seed's algorithm): chunk rounding included, equal to
     ``allreduce_bytes_seed`` when n divides n_elems. "auto" / "recursive_doubling": what
     ``ring_allreduce(algorithm=...)`` really does -- messages up to
-    ``comm.ring.RECURSIVE_DOUBLING_MAX_BYTES`` (one decode token's activation) go by
+    ``comm.allreduce.RECURSIVE_DOUBLING_MAX_BYTES`` (one decode token's activation) go by
     recursive doubling, log2(n)*S per rank for n a power of two, not 2(n-1)/n*S.
     Delegates to mpipar.comm.ring.
     """
-    from ..comm.ring import allreduce_bytes
+    from ..comm.allreduce import allreduce_bytes
     sent, recv = allreduce_bytes(n_elems, itemsize, n, rank, algorithm)
     return Traffic(sent, recv)
 
@@ -220,7 +220,7 @@ PREDICTED_KINDS = ("tp_allreduce", "tp_allgather", "tp_embed", "pp_send",
 
 def predict_rank(config, layout, r: dict) -> dict:
     """r: one rank's entry of ParallelModel.report() -> {kind: predicted sent bytes}."""
-    from ..comm.ring import allreduce_bytes
+    from ..comm.allreduce import allreduce_bytes
     co, h, b = r["coords"], config.hidden_size, dtype_size(r.get("dtype", "float32"))
     tp, t = layout.tp, co["tp"]
     layers = range(*r["layers"])

@@ -1,4 +1,4 @@
-"""Choosing the next token, and the record of one generate() call.
+"""Choosing the next token, the record of one generate() call, and time per output token.
 
 Greedy is an argmax (ties: lowest token id, as numpy.argmax). Temperature / top-p
 sampling draws from a seeded generator per sequence, so a run is repeatable and every
@@ -10,6 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def time_per_output_token(latency_s: float, ttft_s: float, output_tokens: int) -> float | None:
+    """TPOT as vLLM defines it: the time after the first token over the tokens after it,
+    (latency - TTFT) / (output tokens - 1); None below two tokens."""
+    if output_tokens < 2:
+        return None
+    return (latency_s - ttft_s) / (output_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,8 @@ class Generation:
 
     @property
     def tpot_s(self) -> float:
-        steps = self.new_tokens - 1
-        return self.decode_s / steps if steps > 0 else 0.0
+        tpot = time_per_output_token(self.ttft_s + self.decode_s, self.ttft_s, self.new_tokens)
+        return 0.0 if tpot is None else tpot
 
     @property
     def tokens_per_s(self) -> float:

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import to_host
+from ..comm.allreduce import ring_allreduce
 from ..comm.alltoall import alltoallv
-from ..comm.ring import ring_allreduce
 from ..model.layers import linear_weight
 
 

@@ -39,8 +39,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_host
+from ..comm.allreduce import ring_allreduce
 from ..comm.alltoall import alltoallv, exchange_counts
-from ..comm.ring import ring_allgather, ring_allreduce
+from ..comm.ring import ring_allgather
 from ..model import layers as L
 from ..model.layers import layer_prefix
 from .eplb import copies_of

@@ -12,7 +12,7 @@ every rank; one all-reduce each makes it whole. Two all-reduces per block, each 
 S = N*h*itemsize bytes. A prefill's (S above 256 KiB) takes the ring: a rank sends
 2(T-1)/T * S. A decode step's (one token a sequence: a few KiB) takes recursive doubling,
 latency-bound: a rank sends log2(T) * S for T a power of two, not 2(T-1)/T * S
-(``comm.ring``: ``auto`` and ``allreduce_bytes``).
+(``comm.allreduce``: ``auto`` and ``allreduce_bytes``).
 
 A sparse layer's MLP is an ``MoE`` (moe.py: router, experts, dispatch, combine); with
 expert parallelism (ep > 1) it ends with an all-gather of token shares instead of the
@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_host
-from ..comm.ring import ring_allgather, ring_allreduce
+from ..comm.allreduce import ring_allreduce
+from ..comm.ring import ring_allgather
 from ..model import layers as L
 from ..model.layers import layer_prefix
 from .moe import MoE

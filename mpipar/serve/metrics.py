@@ -6,7 +6,8 @@ Per finished request, with t_arrival (the driver took it), t_first (the step tha
 returned its first token) and t_end (its last token):
 
     TTFT = t_first - t_arrival
-    TPOT = (t_end - t_first) / (generated - 1)      (requests of two or more tokens)
+    TPOT = (t_end - t_first) / (generated - 1)      (requests of two or more tokens;
+                                                     model.sampling.time_per_output_token)
     e2e  = t_end - t_arrival
 
 A registry of its own per server, so several servers (tests) live in one process.
@@ -22,6 +23,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from ..model.sampling import time_per_output_token
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -84,8 +87,10 @@ class ServeMetrics:
     def observe_finished(self, times: dict, t_end: float, out) -> None:
         first = times["first"] if times["first"] is not None else t_end
         self.ttft.observe(first - times["arrival"])
-        if out.num_generated > 1:
-            self.tpot.observe((t_end - first) / (out.num_generated - 1))
+        tpot = time_per_output_token(t_end - times["arrival"], first - times["arrival"],
+                                     out.num_generated)
+        if tpot is not None:
+            self.tpot.observe(tpot)
         self.e2e.observe(t_end - times["arrival"])
         self.prompt_tokens.inc(out.prompt_len)
         self.generation_tokens.inc(out.num_generated)

@@ -7,7 +7,8 @@ thread of its own, as a streamed /v1/completions with ``ignore_eos`` and
 
     TTFT  = first event with tokens - send
     ITL   = gaps between successive events with tokens (every gap of every request)
-    TPOT  = (E2EL - TTFT) / (output tokens - 1)      (requests of two or more tokens)
+    TPOT  = (E2EL - TTFT) / (output tokens - 1)      (requests of two or more tokens;
+                                                      model.sampling.time_per_output_token)
     E2EL  = last event - send
     duration = last end - first send; request throughput = completed / duration;
     output throughput = output tokens / duration; goodput = requests meeting every SLO
@@ -25,6 +26,8 @@ import time
 import urllib.parse
 
 import numpy as np
+
+from ..model.sampling import time_per_output_token
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
@@ -108,7 +111,7 @@ def summarize(results: list[dict], slo_ms: dict) -> dict:
         ttft.append(first)
         e2el.append(total)
         itl += list(np.diff(times))
-        per_token = (total - first) / (n - 1) if n > 1 else None
+        per_token = time_per_output_token(total, first, n)
         if per_token is not None:
             tpot.append(per_token)
         meets = {"ttft": first, "tpot": per_token or 0.0, "e2el": total}

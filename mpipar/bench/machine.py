@@ -1,6 +1,7 @@
-"""What the benchmarks in programs/ share: machine facts, and medians over quiet rounds.
+"""Machine probes for the benchmarks: facts printed with results, medians over quiet
+rounds, and this machine's figures (the time model's inputs).
 
-A timing on a shared 2-core machine means little if another process ran meanwhile.
+A timing on a shared machine means little if another process ran meanwhile.
 ``LoadProbe`` measures the cores that processes outside the job kept busy during a
 round (machine busy time from /proc/stat minus the job's own CPU time), and
 ``quiet_rounds`` repeats a round until enough of them were quiet, then takes medians.
@@ -118,46 +119,6 @@ def load_note(records) -> str:
     return note if quiet else note + ": NONE QUIET, timings disturbed"
 
 
-def ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
-
-def launch_worker(script: str, n: int, cfg: dict, timeout: float) -> dict:
-    """Run ``script --worker CFG`` as a job of n ranks; its JSON result, with
-    ``other_load_cores``: the cores that other processes kept busy meanwhile (machine
-    busy time minus our job's)."""
-    import json
-    import tempfile
-    import time
-
-    from .launch import run_mpi
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "result.json")
-        busy0, ours0, t0 = *cpu_seconds(), time.monotonic()
-        proc = run_mpi(n, [script, "--worker", json.dumps(cfg), "--worker-out", out],
-                       timeout=timeout)
-        busy1, ours1, t1 = *cpu_seconds(), time.monotonic()
-        if proc.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"{os.path.basename(script)} worker on {n} ranks, {cfg}, "
-                               f"failed (exit {proc.returncode}):\n"
-                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        with open(out) as f:
-            res = json.load(f)
-        res["other_load_cores"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
-        return res
-
-
-def worker_main(worker, cfg_json: str, out_path: str) -> int:
-    """The ``--worker`` side of ``launch_worker``: run ``worker(cfg)`` on every rank and
-    write what it returns (rank 0's result; None elsewhere) to ``out_path``."""
-    import json
-    res = worker(json.loads(cfg_json))
-    if res is not None:
-        with open(out_path, "w") as f:
-            json.dump(res, f)
-    return 0
-
-
 # ---- this machine's figures (the time model's inputs: mpipar/cost/time.py) -------------
 # Each is measured the way the engine uses the machine: float32 products of activations
 # [M, k] with weights stored [out, in] (``a @ w.T``), a large weight read once
@@ -205,19 +166,61 @@ def read_bandwidth(mib: int = 256, min_time: float = 0.15) -> float:
     return mat.nbytes / _best_time(lambda: mat @ x, min_time)
 
 
-def copy_bandwidth(mib: int = 256, min_time: float = 0.15) -> float:
-    """STREAM's copy convention: (read + write) bytes/s of a large ``np.copyto``."""
+def sync(xp) -> None:
+    """Wait for the device's current stream (CuPy); nothing for NumPy."""
+    if xp.__name__ != "numpy":
+        xp.cuda.get_current_stream().synchronize()
+
+
+def copy_bandwidth(mib: int = 256, min_time: float = 0.15, xp=None) -> float:
+    """Copy bandwidth in bytes/s, counting bytes read + written (STREAM's "copy"
+    convention: a copy of an array of S bytes moves 2 S), of a ``mib`` MiB float32 array
+    on ``xp``'s device (default NumPy: one core's memory bandwidth). Every caller uses
+    this one convention; a figure of "bytes copied" per second is half of it."""
     import numpy as np
-    src = np.ones(mib * 2**20 // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    return 2 * src.nbytes / _best_time(lambda: np.copyto(dst, src), min_time)
+    xp = np if xp is None else xp
+    src = xp.ones(mib * 2**20 // 4, dtype=np.float32)
+    dst = xp.empty_like(src)
+
+    def copy():
+        dst[...] = src
+        sync(xp)
+    return 2 * src.nbytes / _best_time(copy, min_time)
+
+
+def one_core_limits(n: int, h: int, inter: int, mib: int, repeats: int, patience: int = 4,
+                    square: int = 2048) -> dict:
+    """One core's limits in quiet rounds (``quiet_rounds``), GFLOP/s and GB/s: sgemm, the
+    best of the prefill's MLP shapes ([n, h] x [h, inter] and back, weights stored
+    [out, in] as the engine holds them) and a ``square``^3 one; ``copy_bandwidth`` (read +
+    written) and ``read_bandwidth`` (sgemv) over ``mib`` MiB buffers."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    shapes = {f"{m}x{k}x{o}": (rng.standard_normal((m, k), dtype=np.float32),
+                               rng.standard_normal((o, k), dtype=np.float32))
+              for m, k, o in ((n, h, inter), (n, inter, h), (square,) * 3)}
+
+    def one_round():
+        out = {name: _best_time(lambda a=a, w=w: a @ w.T, 0.0) for name, (a, w) in
+               shapes.items()}
+        return {**out, "copy": copy_bandwidth(mib, 0.0), "sgemv": read_bandwidth(mib, 0.0)}
+
+    res = quiet_rounds(LoadProbe(), repeats, one_round, patience)
+    t = res["median"]
+    gflops = {name: 2 * a.shape[0] * a.shape[1] * w.shape[0] / t[name] / 1e9
+              for name, (a, w) in shapes.items()}
+    best = max(gflops, key=gflops.get)
+    return {"sgemm_gflops": gflops[best], "sgemm_shape": best, "sgemm_all": gflops,
+            "copy_gbs": t["copy"] / 1e9, "sgemv_read_gbs": t["sgemv"] / 1e9,
+            "buffer_mib": mib, "round_other_load_cores": res["loads"],
+            "quiet_rounds": res["quiet"]}
 
 
 def link_figures(group, small: int = 1024, large: int = 4 << 20,
                  repeats: int = 200) -> dict | None:
     """Per-message latency (s) and bandwidth (B/s) between the first two ranks of
     ``group`` (a mpipar.comm Group), as mpipar's collectives see them: the time of one
-    exchange of S bytes (the 2-rank recursive-doubling all-reduce of comm/ring.py: one
+    exchange of S bytes (the 2-rank recursive-doubling all-reduce, comm/recursive_doubling.py: one
     Sendrecv and an add) is t(S) = latency + S/bandwidth, fitted at ``small`` and
     ``large`` bytes. Collective over the group; ranks past the first two only wait.
     -> rank 0: {"latency_s", "bandwidth_Bps", "small_s", "large_s"}; others None."""
@@ -225,12 +228,12 @@ def link_figures(group, small: int = 1024, large: int = 4 << 20,
 
     import numpy as np
 
-    from .comm.control import barrier
-    from .comm.ring import ring_allreduce
+    from ..comm.allreduce import ring_allreduce
+    from ..comm.control import barrier
     sub = group.comm.Split(0 if group.rank < 2 else 1, group.rank)
     times = {}
     if group.rank < 2:
-        from .comm.group import Group
+        from ..comm.group import Group
         pair = Group(sub, "probe", group.ledger, np)
         for nbytes in (small, large):
             x = np.ones(nbytes // 4, dtype=np.float32)
@@ -257,7 +260,7 @@ def machine_figures(group, rows=(1, 2, 4, 8, 16, 64, 256, 1024), mib: int = 256)
     memory bandwidth is shared as in a run of that many ranks): rank 0's sgemm rates,
     read and copy bandwidth (``mib`` MiB buffers), and the link between ranks 0 and 1
     (size > 1). Collective; rank 0 gets the dict."""
-    from .comm.control import barrier
+    from ..comm.control import barrier
     barrier(group)
     rates = sgemm_rates(rows, mib=mib)
     read, copy = read_bandwidth(mib), copy_bandwidth(mib)
