@@ -88,7 +88,7 @@ def make_config(kv_heads, tied=False):
                        mlp_only_layers=(0,))
 
 
-def check_slices(problems, block, source, plan, layer, d):
+def check_slices(problems, block, source, plan, layer, d, ep):
     """The weights held: rows of its heads / intermediate (column-parallel), columns of
     them (row-parallel), read from the whole tensors here."""
     p = f"model.layers.{layer}."
@@ -108,7 +108,7 @@ def check_slices(problems, block, source, plan, layer, d):
         same(problems, "gate rows", gate, full("mlp.gate_proj.weight")[i])
         same(problems, "up rows", up, full("mlp.up_proj.weight")[i])
         same(problems, "down columns", down, full("mlp.down_proj.weight")[:, i])
-    else:
+    elif ep == 1:  # (ep > 1: whole experts by placement, checked in test_moe.py)
         i = slice(plan.expert_inter.start, plan.expert_inter.stop)
         for e, (gate, up, down) in enumerate(block.moe.slots):
             x = f"mlp.experts.{e}."
@@ -117,13 +117,19 @@ def check_slices(problems, block, source, plan, layer, d):
             same(problems, f"expert {e} down columns", down, full(x + "down_proj.weight")[:, i])
 
 
+def tp_ep(*pairs):
+    return [pytest.param(tp, ep, marks=[pytest.mark.mpi(min_size=tp)] if tp > 1 else [],
+                         id=f"tp{tp}-ep{ep}") for tp, ep in pairs]
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("tp", sizes(1, 2, 4))
-def test_tp_block_matches_the_reference_block(world, tp, kv_heads):
+@pytest.mark.parametrize("tp, ep", tp_ep((1, 1), (2, 1), (4, 1), (2, 2), (4, 2), (4, 4)))
+def test_tp_block_matches_the_reference_block(world, tp, ep, kv_heads):
     """Prefill of two sequences (5 and 8 tokens), then one decode token each (packed in
-    the other order), through the dense layer and the MoE layer (ep = 1); kv heads split
-    (tp <= kv) or replicated on tp/kv ranks (tp > kv)."""
-    layout = layout_for(world, tp=tp)
+    the other order), through the dense layer and the MoE layer (ep = 1: experts
+    TP-sliced, two all-reduces; ep > 1: whole experts, an all-gather in place of the
+    second all-reduce); kv heads split (tp <= kv) or replicated on tp/kv ranks (tp > kv)."""
+    layout = layout_for(world, tp=tp, ep=ep)
     cfg = make_config(kv_heads)
     source = RandomWeights(cfg, seed=17)
     ref = ReferenceModel(source)
@@ -137,13 +143,14 @@ def test_tp_block_matches_the_reference_block(world, tp, kv_heads):
         problems.append(f"plan kv heads {list(plan.kv_heads)}")
     rng = np.random.default_rng(100 + co.dp)  # each DP replica its own tokens
     for layer in (0, 1):
-        block = TPBlock(source, cfg, plan, layer, comms, np)
+        slots = np.arange(cfg.num_experts) if ep > 1 else None  # moe.py's placements: test_moe
+        block = TPBlock(source, cfg, plan, layer, comms, np, slot_expert=slots)
         if (block.moe is None) != (layer == 0):
             problems.append(f"layer {layer}: moe is {block.moe}")
-        check_slices(problems, block, source, plan, layer, d)
+        check_slices(problems, block, source, plan, layer, d, ep)
         caches = [block.new_cache(16) for _ in range(2)]
         ref_caches = [L.KVCache(np, 16, kv_heads, d) for _ in range(2)]
-        calls = comms.ledger.entries["tp_allreduce"].calls if tp > 1 else 0
+        before = {k: e.calls for k, e in comms.ledger.entries.items()}
         for step, (n, segments) in enumerate([(13, [(0, 0, 5), (1, 5, 8)]),
                                               (2, [(1, 0, 1), (0, 1, 1)])]):
             x = (rng.standard_normal((n, cfg.hidden_size)) * 1.5).astype(np.float32)
@@ -159,10 +166,14 @@ def test_tp_block_matches_the_reference_block(world, tp, kv_heads):
                   ref_caches[s].k[:n, mine])
             close(problems, f"layer {layer} cache {s} values", caches[s].v[:n],
                   ref_caches[s].v[:n, mine])
-        if tp > 1:
-            got_calls = comms.ledger.entries["tp_allreduce"].calls - calls
-            if got_calls != 4:  # two forwards, two all-reduces each
-                problems.append(f"layer {layer}: {got_calls} tp all-reduces, not 4")
+        # two forwards: two all-reduces each, or one and an all-gather (MoE, ep > 1)
+        gathers = 2 if (layer == 1 and ep > 1) else 0
+        want = {"tp_allreduce": 4 - gathers, "tp_allgather": gathers} if tp > 1 else {}
+        for kind in ("tp_allreduce", "tp_allgather"):
+            e = comms.ledger.entries
+            got_calls = (e[kind].calls if kind in e else 0) - before.get(kind, 0)
+            if got_calls != want.get(kind, 0):
+                problems.append(f"layer {layer}: {got_calls} {kind}, not {want.get(kind, 0)}")
     settle(world, problems)
 
 
