@@ -21,8 +21,10 @@ collected different tests stop at once, all of them.
 
 Run/skip decisions must be the same on every rank: make them from facts that cannot
 differ (the world size, markers, the installed packages), or decide once and share
-(``fixtures_dir``: rank 0 looks, everyone follows). Tests that need several ranks use
-pytest-mpi's marker, ``@pytest.mark.mpi(min_size=2)`` (``--with-mpi`` is in addopts).
+(``fixtures_dir``: rank 0 looks, everyone follows; a missing fixtures folder fails the
+tests that need it, never skips them: the repository carries it). Tests that need
+several ranks use pytest-mpi's marker, ``@pytest.mark.mpi(min_size=2)`` (``--with-mpi``
+is in addopts).
 ``@pytest.mark.launcher`` tests (they start mpirun or sbatch themselves) and
 ``@pytest.mark.rank0`` tests (pure, costly) run on world rank 0 only; the other ranks
 wait, sleeping. Ranks other than 0 print their own failures in full and, for a
@@ -161,7 +163,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "launcher: starts mpirun/sbatch; runs on rank 0 only")
     config.addinivalue_line("markers", "rank0: pure test run on world rank 0 only")
     _HARNESS["comm"] = WORLD.Dup()
-    found = os.path.isdir(os.path.abspath(FIXTURES)) if RANK == 0 else None
+    found = fixture_names(os.path.abspath(FIXTURES)) if RANK == 0 else None
     _HARNESS["fixtures"] = _HARNESS["comm"].bcast(found, root=0)
     if SIZE > 1 and RANK != 0:
         # Quiet progress on the other ranks; their own failures still print at the end.
@@ -205,10 +207,25 @@ def world():
     return WORLD
 
 
+def fixture_names(folder: str) -> list[str]:
+    """The reference checkpoints in ``folder``: its subfolders with a ref.json."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, n, "ref.json")))
+
+
 @pytest.fixture
 def fixtures_dir():
-    """The reference checkpoints' folder (rank 0 looked at the start; all ranks agree)."""
+    """The reference checkpoints' folder (rank 0 looked at the start; all ranks agree).
+
+    The repository carries tests/fixtures, so a folder that is missing or holds no
+    checkpoint is a broken checkout (or a wrong MPIPAR_FIXTURES): the test fails, it
+    never skips."""
     path = os.path.abspath(FIXTURES)
-    if not _HARNESS.get("fixtures", os.path.isdir(path)):
-        pytest.skip(f"fixtures folder not found: {path} (set MPIPAR_FIXTURES)")
+    names = _HARNESS["fixtures"] if "fixtures" in _HARNESS else fixture_names(path)
+    if not names:
+        pytest.fail(f"no reference checkpoints in {path} (missing, or no */ref.json in it): "
+                    "the repository carries them in tests/fixtures; MPIPAR_FIXTURES, where "
+                    "set, must name a folder that holds them", pytrace=False)
     return path

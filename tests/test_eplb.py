@@ -1,7 +1,7 @@
-"""EPLB and the MoE dispatch: the placement rule on hand-worked cases, copy choice and
-row routing by hand, flag validation, and the engine on the MoE fixture with redundant
-experts and rebalancing, in every layout of this world with ep > 1 (tokens and logits
-against transformers, ledger == prediction on every rank)."""
+"""EPLB: the placement rule on hand-worked cases, flag validation, and the engine on the
+MoE fixture with redundant experts and rebalancing, in every layout of this world with
+ep > 1 (tokens and logits against transformers, ledger == prediction on every rank).
+The copy choice, row routing and dispatch/combine of moe.py are in test_moe.py."""
 
 import argparse
 import os
@@ -13,7 +13,6 @@ from mpipar.layout import Layout, make_comms
 from mpipar.model.checkpoint import CheckpointReader
 from mpipar.model.config import ModelConfig
 from mpipar.parallel import eplb
-from mpipar.parallel.moe import pack_rows, pick_copies, route_rows, unpack_rows
 from mpipar.parallel.rank_model import ParallelModel
 from mpipar.serve import offline
 from tests.test_engine import check_generation, check_ledger, layouts, load_refs, on_rank0
@@ -56,62 +55,6 @@ def test_plan_moves():
     # keeps 0; rank 1 gets 1 (from slot 1) and keeps 3
     assert eplb.plan_moves([0, 1, 2, 3], [2, 0, 1, 3], 2) == [(2, 0, 1), (0, 1, 0),
                                                              (1, 2, 1), (3, 3, 0)]
-
-
-def test_pick_copies_round_robin_from_the_rank_offset():
-    start, slots = eplb.copies_of([0, 0, 3, 0, 1, 2], 4)  # expert 0 in slots 0, 1, 3
-    assert start.tolist() == [0, 3, 4, 5, 6] and slots.tolist() == [0, 1, 3, 4, 5, 2]
-    experts = np.array([[0, 1], [0, 2], [0, 3]])
-    assert pick_copies(np, experts, start, slots, 0).tolist() == [[0, 4], [1, 5], [3, 2]]
-    assert pick_copies(np, experts, start, slots, 1)[:, 0].tolist() == [1, 3, 0]
-    # a hot expert's pairs spread evenly over its copies
-    hot = np.zeros((301, 1), dtype=np.int64)
-    counts = np.bincount(pick_copies(np, hot, start, slots, 2).ravel(), minlength=6)
-    assert counts[[0, 1, 3]].tolist() == [100, 100, 101]
-
-
-def test_route_rows_once_per_destination_rank():
-    phys = np.array([[0, 1], [0, 3], [4, 5]])  # 3 slots per rank, 2 ranks
-    token, slot, counts = route_rows(np, phys, 3, 2)
-    assert token.tolist() == [0, 1, 1, 2] and counts.tolist() == [2, 2]
-    assert slot.tolist() == [[0, 1], [0, -1], [-1, 0], [1, 2]]
-    token, slot, counts = route_rows(np, phys, 3, 2, dedupe=False)
-    assert token.tolist() == [0, 0, 1, 1, 2, 2] and counts.tolist() == [3, 3]
-    assert slot.tolist() == [[0, -1], [-1, 1], [0, -1], [-1, 0], [1, -1], [-1, 2]]
-    x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
-    w = np.random.default_rng(1).random((4, 2)).astype(np.float32)
-    back = unpack_rows(np, pack_rows(np, x, slot[:4], w), 5, 2, np.float32)
-    assert back[0].tobytes() == x.tobytes() and back[2].tobytes() == w.tobytes()
-    assert back[1].tolist() == slot[:4].tolist()
-
-
-@pytest.mark.parametrize("dedupe", [True, False])
-def test_dispatch_combine_against_a_direct_sum(world, dedupe):
-    """Random routing over 3 slots per rank with copies; slot s scales rows by (s + 1) *
-    (rank + 1), so a row sent to the wrong rank or slot shows; odd token counts, and a
-    rank without tokens."""
-    from mpipar.comm.group import Group
-    from mpipar.comm.ledger import Ledger
-    from mpipar.parallel.moe import dispatch_combine
-    g = Group(world, "ep", Ledger())
-    n, r, per, k, h = g.size, g.rank, 3, 2, 5
-    rng = np.random.default_rng(7 + r)
-    t = 0 if r == 1 else 11 + 2 * r
-    x = rng.standard_normal((t, h)).astype(np.float32)
-    phys = np.array([rng.choice(n * per, size=k, replace=False) for _ in range(t)],
-                    dtype=np.int64).reshape(t, k)
-    w = rng.random((t, k)).astype(np.float32)
-    y = dispatch_combine(g, x, phys, w, per, lambda s, rows: rows * ((s + 1) * (g.rank + 1)),
-                         dedupe)
-    scale = (phys % per + 1) * (phys // per + 1)  # [t, k]
-    want = (x[:, None, :] * (w * scale)[:, :, None]).sum(axis=1)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-    sent = g.ledger.sent("ep_dispatch")
-    dest = phys // per
-    rows = (sum(len(set(d.tolist()) - {r}) for d in dest) if dedupe
-            else int((dest != r).sum()))
-    assert sent == rows * (h * 4 + 8 * k)
-    assert g.ledger.entries["ep_counts"].calls == 1
 
 
 MOE = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -21,9 +21,17 @@ from mpipar.model.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.rank0
 
+
+def fixture_names(folder):
+    """The reference checkpoints in ``folder`` (its subfolders with a ref.json)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, n, "ref.json")))
+
+
 REPO_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-REPO_NAMES = sorted(n for n in os.listdir(REPO_FIXTURES)
-                    if os.path.isfile(os.path.join(REPO_FIXTURES, n, "ref.json")))
+REPO_NAMES = fixture_names(REPO_FIXTURES)  # none: a broken checkout, and the tests fail
 SHARED = os.environ.get("MPIPAR_SHARED_FIXTURES",
                         os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
 TOL = 1e-4  # two float32 implementations agree to ~4e-6 on these shapes
@@ -67,8 +75,16 @@ def check_against_transformers(folder):
     return ref, model.config
 
 
-@pytest.mark.parametrize("name", REPO_NAMES)
+def test_the_repo_fixtures_are_there():
+    """The repository carries its fixtures: missing ones fail here, they never skip."""
+    assert REPO_NAMES, (f"no reference checkpoints in {os.path.abspath(REPO_FIXTURES)} "
+                        "(missing, or no */ref.json in it): the repository carries them; "
+                        "see tests/fixtures/README.md")
+
+
+@pytest.mark.parametrize("name", REPO_NAMES or ["(no fixtures)"])
 def test_reference_matches_transformers(name):
+    assert REPO_NAMES, f"no reference checkpoints in {os.path.abspath(REPO_FIXTURES)}"
     check_against_transformers(os.path.join(REPO_FIXTURES, name))
 
 
@@ -115,10 +131,7 @@ def test_chat_fixture_tokenizer_and_eos():
 
 
 def shared_names():
-    if not os.path.isdir(SHARED):
-        return []
-    return sorted(n for n in os.listdir(SHARED)
-                  if os.path.isfile(os.path.join(SHARED, n, "ref.json")))
+    return fixture_names(SHARED)
 
 
 @pytest.mark.skipif(not shared_names(), reason=f"no external fixtures at {SHARED} "
