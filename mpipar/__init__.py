@@ -5,7 +5,7 @@ Modules, one concept each:
   comm/         hand-coded collectives (ring all-reduce, p2p, all-to-all), ledger
   backend       array module (numpy | cupy), GPU binding, host staging
   model/        Qwen3 config, checkpoints, layer math, single-process reference
-  parallel/     shard plan, TP, EP, PP, the generate() engine
+  parallel/     what a rank holds, TP, EP, PP, ParallelModel (one step of a rank)
   cost/         the cost model, one home per formula: memory, traffic (seed + exact
                 per rank), work, time, machines, planner (python -m mpipar.cost.plan)
 

@@ -84,7 +84,7 @@ def worker(cfg: dict) -> dict | None:
     from mpipar.model.config import ModelConfig
     from mpipar.parallel.eplb import ExpertBalancer, initial_placement
     from mpipar.parallel.moe import MoE, RoutingStats
-    from mpipar.parallel.shard import make_plan
+    from mpipar.parallel.shard import rank_shard
 
     world = MPI.COMM_WORLD
     ep, me = world.size, world.rank
@@ -95,7 +95,7 @@ def worker(cfg: dict) -> dict | None:
                          moe_intermediate_size=cfg["moe_inter"], norm_topk_prob=True)
     layout = Layout(tp=1, dp=ep, ep=ep)
     comms = make_comms(layout, world)
-    plan = make_plan(config, layout, me)
+    shard = rank_shard(config, layout, me)
     t = cfg["tokens"]
     x_train, x_test = tokens(t, h, 100 + me), tokens(t, h, 200 + me)
 
@@ -121,8 +121,8 @@ def worker(cfg: dict) -> dict | None:
             if (x_n + r) % ep:
                 continue
             first = initial_placement(x_n, r, ep)
-            before = MoE(source, config, plan, 0, comms, np, initial_placement(x_n, 0, ep))
-            after = MoE(source, config, plan, 0, comms, np, first)
+            before = MoE(source, config, shard, 0, comms, np, initial_placement(x_n, 0, ep))
+            after = MoE(source, config, shard, 0, comms, np, first)
             balancer = ExpertBalancer([after], comms, cfg["window"])
             stats = RoutingStats(x_n)
             comms.ledger.reset()

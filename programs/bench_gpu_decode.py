@@ -130,9 +130,9 @@ def step_weight_bytes(model, batch: int) -> float:
             per_expert = sum(a.nbytes for w in slots for a in w) / max(len(slots), 1)
             total += per_expert * used * len(slots) / c.num_experts
     head = model.head
-    if model.plan.last_stage:
+    if model.shard.last_stage:
         total += head.lm_head.nbytes + head.norm.nbytes
-    if model.plan.first_stage:
+    if model.shard.first_stage:
         total += batch * head.embed.nbytes / max(head.embed.shape[0], 1)
     return total
 

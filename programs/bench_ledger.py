@@ -55,7 +55,7 @@ WHY = {
     "tp_argmax": "not in the seed: greedy pick over the vocab-parallel head, all-gather of "
                  "(max, id) = 12 bytes per sequence per step",
     "tp_logits": "not in the seed: full logits all-gathered (only with --check/--save-logits)",
-    "control": "not model traffic: each step's plan, world rank 0 -> every rank (token ids, "
+    "control": "not model traffic: each Step, world rank 0 -> every rank (token ids, "
                "positions, block tables); it carries the sampled tokens to stage 0",
     "ep_counts": "not in the seed: one int64 row count to each peer per MoE layer and "
                  "forward, whatever the number of tokens",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpipar.model.layers import pack
+from mpipar.model.layers import flatten_batch
 from mpipar.model.reference import ReferenceModel
 from mpipar.model.sampling import Sampler
 from mpipar.serve.request import RequestError, RequestOutput, check_request
@@ -59,7 +59,7 @@ class StandinEngine:
         seqs = list(self.running.values())
         if not seqs:
             return outs
-        ids, segments = pack([s["next"] for s in seqs])
+        ids, segments = flatten_batch([s["next"] for s in seqs])
         caches = [[s["caches"][layer][0] for s in seqs]
                   for layer in range(self.config.num_layers)]
         logits = self.model.logits(self.model.hidden(ids, segments, caches))

@@ -228,7 +228,7 @@ def test_random_model_is_not_degenerate():
         m = ref.ReferenceModel(RandomWeights(get_preset("builtin-moe"), seed=seed))
         prompt = np.random.default_rng(seed).integers(0, 512, 12)
         outs = []
-        ids, seg = ref.pack([prompt])
+        ids, seg = ref.flatten_batch([prompt])
         logits = m.logits(m.hidden(ids, seg, m.new_caches(1, 16), outs))
         rms = [float(np.sqrt((o ** 2).mean())) for o in outs]
         assert all(0.3 < x < 5 for x in rms), rms

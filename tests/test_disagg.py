@@ -14,7 +14,7 @@ from mpipar.cost.traffic import piece_bytes_by_rank
 from mpipar.layout import Layout, LayoutError, parse_groups
 from mpipar.model.config import get_preset
 from mpipar.parallel.reshard import kv_pieces
-from mpipar.parallel.shard import make_plan
+from mpipar.parallel.shard import rank_shard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,14 +38,14 @@ def test_pieces_give_each_decode_rank_its_heads_once_from_a_holder(preset):
                 got = sorted((layer, h) for p in pieces if p.dst == dst
                              for layer in p.layers for h in p.heads)
                 want = sorted(itertools.product(range(c.num_layers),
-                                                make_plan(c, dec, dst).kv_heads))
+                                                rank_shard(c, dec, dst).kv_heads))
                 assert got == want, (pre, dec, t2)
             for p in pieces:  # the sender holds what it sends
-                plan = make_plan(c, pre, p.src - base)
-                assert set(p.layers) <= set(plan.layers), p
-                assert set(p.heads) <= set(plan.kv_heads), p
-                if plan.kv_replication > 1:  # replicated: the first holder sends
-                    assert (p.src - base) % pre.tp % plan.kv_replication == 0, p
+                shard = rank_shard(c, pre, p.src - base)
+                assert set(p.layers) <= set(shard.layers), p
+                assert set(p.heads) <= set(shard.kv_heads), p
+                if shard.kv_replication > 1:  # replicated: the first holder sends
+                    assert (p.src - base) % pre.tp % shard.kv_replication == 0, p
             dup = max(1, dec.tp // c.num_kv_heads)
             by_rank = piece_bytes_by_rank(pieces, c, 37, 2)
             total = kv_bytes(c.num_layers, c.num_kv_heads, c.head_dim, 37, 2)

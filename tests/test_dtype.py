@@ -38,7 +38,7 @@ from mpipar.cost.traffic import predict_rank
 from mpipar.layout import Layout, LayoutError, make_comms
 from mpipar.model import layers as L
 from mpipar.model.checkpoint import CheckpointReader
-from mpipar.model.layers import pack
+from mpipar.model.layers import flatten_batch
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.parallel.rank_model import ParallelModel
 from mpipar.parallel.shard import check_layout
@@ -93,7 +93,7 @@ def routing_flips(folder, dtype):
     if not moe:
         return {}
     same = [s for s in range(NEW) if (low.tokens[:, :s] == f32.tokens[:, :s]).all()]
-    _, segments = pack(prompts_of(folder))
+    _, segments = flatten_batch(prompts_of(folder))
     rows = {}
     for f in range(max(same) + 1):  # forward f: 0 the prefill, else decode -> step f
         names = ([("prompt", seq, r) for seq, _, n in segments for r in range(n)] if f == 0
@@ -114,7 +114,7 @@ def layer_rounding(folder, dtype) -> float:
     """eps1: the largest relative error of one layer's output in ``dtype``."""
     src = _source(folder)
     f32, low = ReferenceModel(src), ReferenceModel(src, dtype=dtype)
-    ids, segments = pack(prompts_of(folder))
+    ids, segments = flatten_batch(prompts_of(folder))
     outs = []
     f32.hidden(ids, segments, f32.new_caches(2, 64), outs)
     inputs = [f32.embed[ids]] + outs[:-1]
@@ -139,7 +139,7 @@ def parallel_layer_rounding(world, model, folder) -> float:
 
     from mpipar.parallel.moe import RoutingStats
     f32 = ReferenceModel(_source(folder))
-    ids, segments = pack(prompts_of(folder))
+    ids, segments = flatten_batch(prompts_of(folder))
     outs = []
     f32.hidden(ids, segments, f32.new_caches(2, 64), outs)
     inputs = [f32.embed[ids]] + outs[:-1]

@@ -163,10 +163,10 @@ def test_random_model_matches_reference_with_sampling(world):
 def test_kv_heads_replicated_when_tp_exceeds_them():
     """tp > kv heads: each kv head lives on tp/kv ranks (qwen3-tiny has 2 kv heads)."""
     from mpipar.model.config import ModelConfig
-    from mpipar.parallel.shard import make_plan
+    from mpipar.parallel.shard import rank_shard
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=2,
                       head_dim=8, intermediate_size=48)
-    plans = [make_plan(cfg, Layout(tp=4), r) for r in range(4)]
+    plans = [rank_shard(cfg, Layout(tp=4), r) for r in range(4)]
     assert [list(p.kv_heads) for p in plans] == [[0], [0], [1], [1]]
     assert [p.kv_replication for p in plans] == [2, 2, 2, 2]
     assert [list(p.q_heads) for p in plans] == [[0, 1], [2, 3], [4, 5], [6, 7]]

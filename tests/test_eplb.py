@@ -27,7 +27,7 @@ def test_replicate_gives_each_slot_to_the_highest_load_per_copy():
 
 def test_pack_heaviest_first_to_the_lightest_pack_with_room():
     # 5->p0, 4->p1, 3->p1 (4<5), 3->p0 (5<7), 1->p1 (7<8, now full), 0->p0
-    assert eplb.pack([5, 4, 3, 3, 1, 0], 2) == [[0, 3, 5], [1, 2, 4]]
+    assert eplb.balanced_packing([5, 4, 3, 3, 1, 0], 2) == [[0, 3, 5], [1, 2, 4]]
 
 
 def test_rebalance_hand_case():
@@ -53,7 +53,7 @@ def test_initial_placement_and_keep_in_place():
 def test_plan_moves():
     # ranks hold slots {0, 1} and {2, 3}; new: rank 0 gets 2 (travels from slot 2) and
     # keeps 0; rank 1 gets 1 (from slot 1) and keeps 3
-    assert eplb.plan_moves([0, 1, 2, 3], [2, 0, 1, 3], 2) == [(2, 0, 1), (0, 1, 0),
+    assert eplb.copy_moves([0, 1, 2, 3], [2, 0, 1, 3], 2) == [(2, 0, 1), (0, 1, 0),
                                                              (1, 2, 1), (3, 3, 0)]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mpipar.model import CheckpointReader
-from mpipar.model.layers import pack
+from mpipar.model.layers import flatten_batch
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.tokenizer import load_tokenizer
 
@@ -46,7 +46,7 @@ def check_against_transformers(folder):
         return np.load(os.path.join(folder, name))
 
     def forward(ids, layer_outputs=None):
-        flat, segments = pack([ids])
+        flat, segments = flatten_batch([ids])
         return model.logits(model.hidden(flat, segments, model.new_caches(1, len(ids)),
                                          layer_outputs=layer_outputs))
 

@@ -37,7 +37,7 @@ from mpipar.parallel.moe import (
     route_rows,
     unpack_rows,
 )
-from mpipar.parallel.shard import make_plan
+from mpipar.parallel.shard import rank_shard
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -170,9 +170,9 @@ def test_moe_layer_matches_the_dense_reference(world, tp, ep, redundant):
     ref = ReferenceModel(source)
     comms = make_comms(layout, world)
     co = comms.coords
-    plan = make_plan(CONFIG, layout, co.world)
+    shard = rank_shard(CONFIG, layout, co.world)
     slot_expert = eplb.initial_placement(CONFIG.num_experts, redundant, ep) if ep > 1 else None
-    moe = MoE(source, CONFIG, plan, 0, comms, np, slot_expert)
+    moe = MoE(source, CONFIG, shard, 0, comms, np, slot_expert)
     problems = []
 
     # the slots this rank holds: the experts the placement names, whole (ep > 1) or
@@ -183,7 +183,7 @@ def test_moe_layer_matches_the_dense_reference(world, tp, ep, redundant):
         inter = slice(None)
     else:
         names = list(range(CONFIG.num_experts))
-        inter = slice(plan.expert_inter.start, plan.expert_inter.stop)
+        inter = slice(shard.expert_inter.start, shard.expert_inter.stop)
     if moe.local_experts() != names:
         problems.append(f"local experts {moe.local_experts()}, placement says {names}")
     for e, held in zip(names, moe.slots, strict=False):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mpipar.model import CheckpointReader, expected_shapes, open_model, save_checkpoint
-from mpipar.model.layers import pack
+from mpipar.model.layers import flatten_batch
 from mpipar.model.reference import ReferenceModel, generate
 from mpipar.model.sampling import Sampler
 
@@ -58,7 +58,7 @@ def model_of(path):
 def forward(model, ids):
     """No-cache forward of one sequence: ids [T] -> logits [T, V]."""
     caches = model.new_caches(1, len(ids))
-    flat, segments = pack([ids])
+    flat, segments = flatten_batch([ids])
     return model.logits(model.hidden(flat, segments, caches))
 
 
@@ -82,7 +82,7 @@ def test_prompt_logits(fx):
 def test_layer_outputs(fx):
     model = model_of(fx.path)
     outs = []
-    flat, segments = pack([fx.prompt_a])
+    flat, segments = flatten_batch([fx.prompt_a])
     model.hidden(flat, segments, model.new_caches(1, len(flat)), layer_outputs=outs)
     want = fx.npy("ref_layer_outputs.npy")
     assert len(outs) == model.config.num_layers == want.shape[0]

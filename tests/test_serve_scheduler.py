@@ -7,9 +7,9 @@ from mpipar.serve.request import Request, SamplingParams
 from mpipar.serve.scheduler import Scheduler, Seq
 
 
-def make(rid, prompt, max_tokens=4, stop=(), slot=None):
+def make(rid, prompt, max_tokens=4, stop=(), seq_id=None):
     req = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens))
-    return Seq(req, slot if slot is not None else int(rid), 0, 0, 0, list(prompt),
+    return Seq(req, seq_id if seq_id is not None else int(rid), 0, 0, 0, list(prompt),
                frozenset(stop))
 
 
@@ -19,33 +19,33 @@ class Harness:
                     max_num_seqs=8, max_model_len=64)
         args.update(kw)
         self.s = Scheduler(**args)
-        self.by_slot = {}
+        self.by_seq_id = {}
 
     def add(self, seq):
-        self.by_slot[seq.slot] = seq
+        self.by_seq_id[seq.seq_id] = seq
         self.s.add(seq)
         return seq
 
     def step(self, lane=0, token=7):
         entries = self.s.schedule(lane)
         tokens = [[token] * sum(e.sampling is not None for e in rep) for rep in entries]
-        return entries, self.s.update(self.by_slot, entries, tokens)
+        return entries, self.s.update(self.by_seq_id, entries, tokens)
 
 
 def test_decodes_first_then_chunked_prefill_under_the_budget():
     h = Harness(max_num_batched_tokens=6, num_blocks=16)
     a = h.add(make("0", range(1, 4)))
     entries, outs = h.step()
-    assert [(e.slot, len(e.tokens), e.sampling is not None) for e in entries[0]] == [(0, 3, True)]
+    assert [(e.seq_id, len(e.tokens), e.sampling is not None) for e in entries[0]] == [(0, 3, True)]
     b = h.add(make("1", range(10, 24)))  # 14 tokens: chunks of the budget left
     entries, _ = h.step()
-    assert [(e.slot, e.start, len(e.tokens)) for e in entries[0]] == [(0, 3, 1), (1, 0, 5)]
+    assert [(e.seq_id, e.start, len(e.tokens)) for e in entries[0]] == [(0, 3, 1), (1, 0, 5)]
     assert entries[0][1].sampling is None and b.num_computed == 5
     entries, _ = h.step()
-    assert [(e.slot, e.start, len(e.tokens)) for e in entries[0]] == [(0, 4, 1), (1, 5, 5)]
+    assert [(e.seq_id, e.start, len(e.tokens)) for e in entries[0]] == [(0, 4, 1), (1, 5, 5)]
     a_blocks = list(a.table)
     entries, outs = h.step()
-    assert [(e.slot, e.start, len(e.tokens)) for e in entries[0]] == [(0, 5, 1), (1, 10, 4)]
+    assert [(e.seq_id, e.start, len(e.tokens)) for e in entries[0]] == [(0, 5, 1), (1, 10, 4)]
     assert entries[0][1].sampling is not None  # the prompt's last chunk samples
     assert outs[0].finished and outs[0].finish_reason == "length" and a.generated == 4
     assert a_blocks == [7, 8]  # admitted mid-pool, grew into the next block
@@ -59,11 +59,11 @@ def test_admission_waits_for_blocks_and_preemption_frees_the_newest():
     b = h.add(make("1", range(20, 27), max_tokens=6))  # 2 blocks
     c = h.add(make("2", range(40, 43)))  # does not fit: waits
     entries, _ = h.step()
-    assert [e.slot for e in entries[0]] == [0, 1] and list(h.s.waiting[0]) == [c]
+    assert [e.seq_id for e in entries[0]] == [0, 1] and list(h.s.waiting[0]) == [c]
     entries, _ = h.step()  # positions 7: still in block 1 for both
-    assert [e.slot for e in entries[0]] == [0, 1]
+    assert [e.seq_id for e in entries[0]] == [0, 1]
     entries, _ = h.step()  # position 8 needs a third block each: b is preempted
-    assert [e.slot for e in entries[0]] == [0] and h.s.num_preemptions == 1
+    assert [e.seq_id for e in entries[0]] == [0] and h.s.num_preemptions == 1
     assert list(h.s.waiting[0]) == [b, c] and b.num_computed == 0 and b.table == []
     assert b.tokens == list(range(20, 27)) + [7, 7]  # its tokens are kept
     while h.s.has_unfinished():
@@ -79,14 +79,14 @@ def test_requests_with_a_common_prefix_share_its_blocks():
     h.step()
     b = h.add(make("1", prefix + [3]))
     entries, _ = h.step()
-    eb = [e for e in entries[0] if e.slot == 1][0]
+    eb = [e for e in entries[0] if e.seq_id == 1][0]
     assert eb.start == 8 and eb.tokens == [3]  # only the new token is computed
     assert b.table[:2] == a.table[:2] and h.s.pools[0].ref[a.table[0]] == 2
     assert h.s.prefix_hit_tokens == 8
     shared = a.table[:2]
     c = h.add(make("2", prefix))  # all cached: the last block is recomputed
     entries, _ = h.step()
-    ec = [e for e in entries[0] if e.slot == 2][0]
+    ec = [e for e in entries[0] if e.seq_id == 2][0]
     assert ec.start == 4 and c.table[0] == a.table[0] and c.table[1] != a.table[1]
     while h.s.has_unfinished():
         h.step()
@@ -117,10 +117,10 @@ def test_lanes_hold_disjoint_requests():
         h.add(make(str(i), [i + 1, 2, 3]))
     e0 = h.s.schedule(0)[0]  # lane 0 takes half of max_num_seqs, then waits for tokens
     e1 = h.s.schedule(1)[0]
-    assert [e.slot for e in e0] == [0, 1] and [e.slot for e in e1] == [2, 3]
+    assert [e.seq_id for e in e0] == [0, 1] and [e.seq_id for e in e1] == [2, 3]
     assert h.s.schedule(0) == [[]]  # lane 0's requests await their token
-    h.s.update(h.by_slot, [e0], [[7, 7]])
-    assert [e.slot for e in h.s.schedule(0)[0]] == [0, 1]
+    h.s.update(h.by_seq_id, [e0], [[7, 7]])
+    assert [e.seq_id for e in h.s.schedule(0)[0]] == [0, 1]
 
 
 @pytest.mark.parametrize("budget", [1, 3])

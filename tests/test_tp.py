@@ -31,7 +31,7 @@ from mpipar.model.config import ModelConfig
 from mpipar.model.init import RandomWeights
 from mpipar.model.reference import ReferenceModel
 from mpipar.parallel.moe import RoutingStats
-from mpipar.parallel.shard import make_plan
+from mpipar.parallel.shard import rank_shard
 from mpipar.parallel.tp import TPBlock, VocabParallelHead, allreduce
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,28 +88,28 @@ def make_config(kv_heads, tied=False):
                        mlp_only_layers=(0,))
 
 
-def check_slices(problems, block, source, plan, layer, d, ep):
+def check_slices(problems, block, source, shard, layer, d, ep):
     """The weights held: rows of its heads / intermediate (column-parallel), columns of
     them (row-parallel), read from the whole tensors here."""
     p = f"model.layers.{layer}."
 
     def full(name):
         return source.read(p + name)
-    q = slice(plan.q_heads.start * d, plan.q_heads.stop * d)
-    kv = slice(plan.kv_heads.start * d, plan.kv_heads.stop * d)
+    q = slice(shard.q_heads.start * d, shard.q_heads.stop * d)
+    kv = slice(shard.kv_heads.start * d, shard.kv_heads.stop * d)
     same(problems, f"layer {layer} q rows", block.attn.q, full("self_attn.q_proj.weight")[q])
     same(problems, f"layer {layer} k rows", block.attn.k, full("self_attn.k_proj.weight")[kv])
     same(problems, f"layer {layer} v rows", block.attn.v, full("self_attn.v_proj.weight")[kv])
     same(problems, f"layer {layer} o columns", block.attn.o,
          full("self_attn.o_proj.weight")[:, q])
     if block.moe is None:
-        i = slice(plan.inter.start, plan.inter.stop)
+        i = slice(shard.inter.start, shard.inter.stop)
         gate, up, down = block.mlp
         same(problems, "gate rows", gate, full("mlp.gate_proj.weight")[i])
         same(problems, "up rows", up, full("mlp.up_proj.weight")[i])
         same(problems, "down columns", down, full("mlp.down_proj.weight")[:, i])
     elif ep == 1:  # (ep > 1: whole experts by placement, checked in test_moe.py)
-        i = slice(plan.expert_inter.start, plan.expert_inter.stop)
+        i = slice(shard.expert_inter.start, shard.expert_inter.stop)
         for e, (gate, up, down) in enumerate(block.moe.slots):
             x = f"mlp.experts.{e}."
             same(problems, f"expert {e} gate rows", gate, full(x + "gate_proj.weight")[i])
@@ -135,19 +135,19 @@ def test_tp_block_matches_the_reference_block(world, tp, ep, kv_heads):
     ref = ReferenceModel(source)
     comms = make_comms(layout, world)
     co, d = comms.coords, cfg.head_dim
-    plan = make_plan(cfg, layout, co.world)
+    shard = rank_shard(cfg, layout, co.world)
     rep = max(1, tp // kv_heads)
     problems = []
-    if list(plan.kv_heads) != ([co.tp // rep] if tp > kv_heads else
+    if list(shard.kv_heads) != ([co.tp // rep] if tp > kv_heads else
                                list(range(co.tp * kv_heads // tp, (co.tp + 1) * kv_heads // tp))):
-        problems.append(f"plan kv heads {list(plan.kv_heads)}")
+        problems.append(f"shard kv heads {list(shard.kv_heads)}")
     rng = np.random.default_rng(100 + co.dp)  # each DP replica its own tokens
     for layer in (0, 1):
         slots = np.arange(cfg.num_experts) if ep > 1 else None  # moe.py's placements: test_moe
-        block = TPBlock(source, cfg, plan, layer, comms, np, slot_expert=slots)
+        block = TPBlock(source, cfg, shard, layer, comms, np, slot_expert=slots)
         if (block.moe is None) != (layer == 0):
             problems.append(f"layer {layer}: moe is {block.moe}")
-        check_slices(problems, block, source, plan, layer, d, ep)
+        check_slices(problems, block, source, shard, layer, d, ep)
         caches = [block.new_cache(16) for _ in range(2)]
         ref_caches = [L.KVCache(np, 16, kv_heads, d) for _ in range(2)]
         before = {k: e.calls for k, e in comms.ledger.entries.items()}
@@ -158,7 +158,7 @@ def test_tp_block_matches_the_reference_block(world, tp, ep, kv_heads):
             want = ref.block(layer, x, ref_caches, segments)
             close(problems, f"layer {layer} step {step} output", got, want)
         for s in range(2):
-            mine = slice(plan.kv_heads.start, plan.kv_heads.stop)
+            mine = slice(shard.kv_heads.start, shard.kv_heads.stop)
             if caches[s].length != ref_caches[s].length:
                 problems.append(f"cache {s} length {caches[s].length}")
             n = ref_caches[s].length
@@ -191,8 +191,8 @@ def test_vocab_parallel_head_against_the_whole_matrices(world, tp, tied):
     cfg = make_config(2, tied=tied)
     source = RandomWeights(cfg, seed=23)
     comms = make_comms(layout, world)
-    plan = make_plan(cfg, layout, comms.coords.world)
-    head = VocabParallelHead(source, cfg, plan, comms, np, embed=True, head=True)
+    shard = rank_shard(cfg, layout, comms.coords.world)
+    head = VocabParallelHead(source, cfg, shard, comms, np, embed=True, head=True)
     embed = source.read("model.embed_tokens.weight")  # [V, h]
     lm_head = source.read("lm_head.weight")  # the embedding when tied
     norm = source.read("model.norm.weight")
@@ -206,7 +206,7 @@ def test_vocab_parallel_head_against_the_whole_matrices(world, tp, tied):
     x = (rng.standard_normal((len(ids), cfg.hidden_size)) * 2).astype(np.float32)
     whole = L.rms_norm(np, x, norm, cfg.rms_norm_eps).astype(np.float64) @ \
         lm_head.astype(np.float64).T  # [N, V]
-    mine = slice(plan.vocab.start, plan.vocab.stop)
+    mine = slice(shard.vocab.start, shard.vocab.stop)
     local = head.local_logits(x)
     close(problems, "local logits", local, whole[:, mine])
     full = head.full_logits(local)
@@ -228,8 +228,8 @@ def test_argmax_ties_go_to_the_lowest_id_across_ranks(world, tp):
     layout = layout_for(world, tp=tp)
     cfg = make_config(2)
     comms = make_comms(layout, world)
-    plan = make_plan(cfg, layout, comms.coords.world)
-    head = VocabParallelHead(RandomWeights(cfg), cfg, plan, comms, np, embed=False, head=True)
+    shard = rank_shard(cfg, layout, comms.coords.world)
+    head = VocabParallelHead(RandomWeights(cfg), cfg, shard, comms, np, embed=False, head=True)
     v = cfg.vocab_size
     g = np.random.default_rng(3).uniform(-5, 1, size=(6, v)).astype(np.float32)
     want = []
@@ -238,7 +238,7 @@ def test_argmax_ties_go_to_the_lowest_id_across_ranks(world, tp):
             g[row] -= 10  # every logit negative
         g[row, list(tied)] = g[row].max() + 1
         want.append(tied[0])
-    local = g[:, plan.vocab.start:plan.vocab.stop].copy()
+    local = g[:, shard.vocab.start:shard.vocab.stop].copy()
     problems = []
     same(problems, "argmax with ties", head.argmax(local), np.array(want))
     same(problems, "full logits", head.full_logits(local), g)

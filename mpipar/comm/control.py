@@ -7,10 +7,10 @@ first failing rank's message and raises the same error, so rank 0 can print it o
 all ranks exit.
 
 Messages of the serving loop (``Outbox.post`` / ``wait_object``): a pickled object as one
-message of bytes, counted in the ledger under its own kind (``control`` for the step
-plan that world rank 0 sends every rank, ``result`` for the tokens coming back): the
-plan of a step over W ranks costs (W-1) * its pickled size at the root. Sends are
-non-blocking (a root never waits for a busy rank to take its plan, and two ranks sending
+message of bytes, counted in the ledger under its own kind (``control`` for the Step
+that world rank 0 sends every rank, ``result`` for the tokens coming back): a Step over
+W ranks costs (W-1) * its pickled size at the root. Sends are
+non-blocking (a root never waits for a busy rank to take its Step, and two ranks sending
 each other never deadlock); a receiver waits by probing with growing sleeps (10 us up to
 20 ms), so idle workers of a server sleep instead of spinning on the cores. A sleep is at
 most SLEEP_SHARE of the time waited so far, so a message is taken at most about 5% late

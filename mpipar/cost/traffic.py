@@ -53,9 +53,9 @@ Each collective's bytes come from the exact formula of the algorithm it takes
 2(t-1)/t * S up to chunk rounding; a decode step's (a few KiB, up to
 ``comm.allreduce.RECURSIVE_DOUBLING_MAX_BYTES``) by recursive doubling, log2(t) * S for t a
 power of two. Kinds the seed's model does not cover (tp_argmax, tp_logits, and the
-serving loop's step plans and sampled tokens: control, result) are not predicted. The
-sampled tokens reach stage 0 inside the next step's plan, so no token traffic runs
-inside a PP group. (comm.ring is imported where it is used: the planner starts no MPI.)
+serving loop's Steps and sampled tokens: control, result) are not predicted. The
+sampled tokens reach stage 0 inside the next Step, so no token traffic runs
+inside a PP group. (comm.allreduce is imported where it is used: the planner starts no MPI.)
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-def pack(token_lists, seq_ids=None):
+def flatten_batch(token_lists, seq_ids=None):
     """[[ids of seq 0], [ids of seq 1], ...] -> ids [N], segments [(seq, start, rows)].
 
     ``seq_ids`` names the sequences of the lists (default 0, 1, ...): a segment's seq

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import compute_dtype, to_host
 from . import layers as L
-from .layers import layer_prefix, pack
+from .layers import flatten_batch, layer_prefix
 from .sampling import Generation, Sampler, pad_prompt_logits
 
 
@@ -106,7 +106,7 @@ def generate(model: ReferenceModel, prompts, max_new_tokens: int,
         raise ValueError("every prompt needs at least one token")
     caches = model.new_caches(n, max(len(p) for p in prompts) + max_new_tokens)
     t0 = time.perf_counter()
-    ids, segments = pack(prompts)
+    ids, segments = flatten_batch(prompts)
     logits = to_host(model.logits(model.hidden(ids, segments, caches)))
     last = np.array([start + rows - 1 for _, start, rows in segments])
     step_logits = logits[last]  # [B, V]
@@ -122,7 +122,7 @@ def generate(model: ReferenceModel, prompts, max_new_tokens: int,
             t_first = time.perf_counter()
         if step + 1 == max_new_tokens:
             break
-        ids, segments = pack([[t] for t in tokens[:, step]])
+        ids, segments = flatten_batch([[t] for t in tokens[:, step]])
         step_logits = to_host(model.logits(model.hidden(ids, segments, caches)))
     t_end = time.perf_counter()
     return Generation(

@@ -97,7 +97,7 @@ def replicate(load, num_physical: int) -> np.ndarray:
     return copies
 
 
-def pack(item_load, num_packs: int) -> list[list[int]]:
+def balanced_packing(item_load, num_packs: int) -> list[list[int]]:
     """Step 2: items (heaviest first, ties lowest index) to the lightest pack with room;
     -> items of each pack, in the order they were placed."""
     item_load = np.asarray(item_load, dtype=np.float64)
@@ -136,7 +136,7 @@ def rebalance(load, num_physical: int, ep: int, previous=None) -> np.ndarray:
     copies = replicate(load, num_physical)
     items = np.repeat(np.arange(copies.shape[0]), copies)  # expert of each copy [P]
     per_copy = np.asarray(load, dtype=np.float64)[items] / copies[items]
-    packs = [[int(items[i]) for i in p] for p in pack(per_copy, ep)]
+    packs = [[int(items[i]) for i in p] for p in balanced_packing(per_copy, ep)]
     if previous is not None:
         order = keep_in_place(packs, np.asarray(previous))
         packs = [packs[order.index(r)] for r in range(ep)]
@@ -160,7 +160,7 @@ def copies_of(slot_expert, num_experts: int):
     return start, slots
 
 
-def plan_moves(old, new, ep: int) -> list[tuple[int, int, int]]:
+def copy_moves(old, new, ep: int) -> list[tuple[int, int, int]]:
     """(src slot, dst slot, kind) for every slot of ``new``: kind 0 = the dst rank held
     that expert already (src is its slot there), 1 = it travels from ``src`` (the lowest
     old slot of the expert) to dst's rank."""
@@ -213,21 +213,21 @@ class ExpertBalancer:
         total = to_host(ring_allreduce(group, load, kind="eplb_load"))
         stats.rebalances += 1
         per = self.moes[0].slots_per_rank
-        plans = [(m, rebalance(w, per * ep, ep, m.slot_expert))
-                 for m, w in zip(self.moes, total, strict=True)]
-        plans = [(m, new, plan_moves(m.slot_expert, new, ep)) for m, new in plans]
+        updates = [(m, rebalance(w, per * ep, ep, m.slot_expert))
+                   for m, w in zip(self.moes, total, strict=True)]
+        updates = [(m, new, copy_moves(m.slot_expert, new, ep)) for m, new in updates]
         wg = self.moes[0].slots[0][0]
         mi, h = wg.shape
         send, recv_from = [[] for _ in range(ep)], np.zeros(ep, dtype=np.int64)
-        for m, _, moves in plans:  # (layer, dst slot) order on both sides
+        for m, _, moves in updates:  # (layer, dst slot) order on both sides
             for src, dst, travels in moves:
                 if travels and src // per == me:
                     send[dst // per].append(_flat(xp, m.slots[src - me * per]))
                 if travels and dst // per == me:
                     recv_from[src // per] += 1
-        moving = any(t for _, _, moves in plans for _, _, t in moves)
+        moving = any(t for _, _, moves in updates for _, _, t in moves)
         recv = None
-        if moving:  # the same decision on every rank: the plans are the same
+        if moving:  # the same decision on every rank: every rank computed the same updates
             rows = [r for d in range(ep) for r in send[d]]
             rows = xp.stack(rows) if rows else xp.zeros((0, 3 * mi * h), dtype=wg.dtype)
             counts = np.array([len(s) for s in send], dtype=np.int64)
@@ -235,7 +235,7 @@ class ExpertBalancer:
             stats.copies_sent += int(counts.sum() - counts[me])
             stats.copy_bytes = 3 * mi * h * wg.itemsize
         next_row = np.concatenate([[0], np.cumsum(recv_from)[:-1]])  # per source rank
-        for m, new, moves in plans:
+        for m, new, moves in updates:
             got = {}
             for src, dst, travels in moves:
                 if dst // per != me:

@@ -187,15 +187,15 @@ def dispatch_combine(group, xs, phys, weights, slots_per_rank, apply, dedupe=Tru
 class MoE:
     """One sparse layer of this rank: router (replicated) and its expert slots."""
 
-    def __init__(self, source, config, plan, layer: int, comms, xp, slot_expert=None,
+    def __init__(self, source, config, shard, layer: int, comms, xp, slot_expert=None,
                  dtype=np.float32):
         self.config, self.layer, self.comms, self.xp = config, layer, comms, xp
         self.router = L.linear_weight(xp, source.read(layer_prefix(layer) + "mlp.gate.weight",
                                                       dtype=dtype))
         self.ep = comms.layout.ep
         if self.ep == 1:  # every expert, TP-sliced
-            inter = slice(plan.expert_inter.start, plan.expert_inter.stop)
-            self.slots = [read_expert(xp, source, layer, e, inter, dtype) for e in plan.experts]
+            inter = slice(shard.expert_inter.start, shard.expert_inter.stop)
+            self.slots = [read_expert(xp, source, layer, e, inter, dtype) for e in shard.experts]
             return
         if slot_expert is None:
             slot_expert = np.arange(config.num_experts)

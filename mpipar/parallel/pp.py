@@ -3,14 +3,14 @@
 Stage s holds a contiguous range of layers (``shard.stage_layers``). Stage 0 embeds the
 tokens; each stage runs its layers and sends the activation [N, h] to the next stage
 of its PP group (same tp/dp coordinates); the last stage applies the final norm and
-lm_head and picks the tokens, which go to world rank 0; the next step's plan brings
+lm_head and picks the tokens, which go to world rank 0; the next Step brings
 them to stage 0 (serve/engine.py).
 
 What moves, per forward of N tokens: each boundary carries one activation, so a rank
 of stage s < P-1 sends ``N*h*itemsize`` (kind ``pp_send``) and a rank of stage s > 0
 receives it (``pp_recv``). Over P stages: (P-1)*h per token.
 
-The schedule: micro-batches in flight. A step's plan is a micro-batch; sends are
+The schedule: micro-batches in flight. A Step (serve/step.py) is a micro-batch; sends are
 non-blocking, so stage 0 starts micro-batch m+1 while stage 1 works on m. Up to P
 micro-batches are in flight (``InFlight``): more would only queue at a stage. Two
 kinds of micro-batches can follow each other without waiting for a result:

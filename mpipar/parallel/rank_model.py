@@ -27,12 +27,12 @@ import numpy as np
 from ..backend import compute_dtype
 from ..comm.control import gather_object
 from ..model.finite import FiniteWatch
-from ..model.layers import pack
+from ..model.layers import flatten_batch
 from ..model.sampling import sample_token
 from .eplb import EPLBOptions, ExpertBalancer, initial_placement
 from .moe import RoutingStats
 from .pp import Pipeline
-from .shard import make_plan
+from .shard import rank_shard
 from .tp import TPBlock, VocabParallelHead
 
 
@@ -44,15 +44,15 @@ class ParallelModel:
         self.source = source
         self.config = config = source.config
         self.dtype = dt = compute_dtype(dtype, xp, config.dtype)
-        self.plan = plan = make_plan(config, comms.layout, comms.world.rank)
+        self.shard = shard = rank_shard(config, comms.layout, comms.world.rank)
         eplb = eplb or EPLBOptions()
         slots = initial_placement(config.num_experts, eplb.redundant_experts,
                                   comms.layout.ep) if comms.layout.ep > 1 else None
-        self.blocks = [TPBlock(source, config, plan, i, comms, xp, dt, slots)
-                       for i in plan.layers]
+        self.blocks = [TPBlock(source, config, shard, i, comms, xp, dt, slots)
+                       for i in shard.layers]
         self.balancer = ExpertBalancer([b.moe for b in self.blocks], comms, eplb.window)
-        self.head = VocabParallelHead(source, config, plan, comms, xp,
-                                      embed=plan.first_stage, head=plan.last_stage, dtype=dt)
+        self.head = VocabParallelHead(source, config, shard, comms, xp,
+                                      embed=shard.first_stage, head=shard.last_stage, dtype=dt)
         self.pipe = Pipeline(comms)
         self.watch = FiniteWatch(xp)  # which layer first outputs NaN/inf (model/finite.py)
         self.stats = RoutingStats(config.num_experts)
@@ -62,7 +62,7 @@ class ParallelModel:
 
     def stage_forward(self, token_lists, caches, seq_ids=None):
         """Run this stage on one batch of tokens; the last stage returns x [N, h]."""
-        ids, segments = pack(token_lists, seq_ids)
+        ids, segments = flatten_batch(token_lists, seq_ids)
         self.forward_tokens.append(int(ids.shape[0]))
         x = self.head.embed_tokens(ids) if self.pipe.first else self.pipe.recv_activation()
         with self.comms.ledger.span(f"forward {ids.shape[0]} tokens", "stage"):
@@ -113,11 +113,11 @@ class ParallelModel:
         mine = {
             "rank": self.comms.world.rank,
             "coords": vars(self.comms.coords),
-            "layers": [self.plan.layers.start, self.plan.layers.stop],
-            "experts": [self.plan.experts.start, self.plan.experts.stop],
+            "layers": [self.shard.layers.start, self.shard.layers.stop],
+            "experts": [self.shard.experts.start, self.shard.experts.stop],
             "expert_slots": next((b.moe.local_experts() for b in self.blocks if b.moe), []),
-            "kv_heads": [self.plan.kv_heads.start, self.plan.kv_heads.stop],
-            "kv_replication": self.plan.kv_replication,
+            "kv_heads": [self.shard.kv_heads.start, self.shard.kv_heads.stop],
+            "kv_replication": self.shard.kv_replication,
             "ledger": self.comms.ledger.totals(),
             "forward_tokens": self.forward_tokens,
             **self.stats.report(),

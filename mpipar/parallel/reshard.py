@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..layout import Layout
-from .shard import kv_replication, make_plan, split, stage_layers
+from .shard import kv_replication, rank_shard, split, stage_layers
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Piece:
 
 
 def holder_tp(config, tp: int, head: int) -> int:
-    """The first TP rank of a tp-way split that holds kv ``head`` (shard.make_plan's rule)."""
+    """The first TP rank of a tp-way split that holds kv ``head`` (shard.rank_shard's rule)."""
     rep = kv_replication(config, tp)
     if rep > 1:
         return head * rep
@@ -52,7 +52,7 @@ def kv_pieces(config, prefill, decode, replica: int, prefill_base: int,
     pieces = []
     for t2 in range(decode.tp):
         dst = decode_base + decode.rank_of(tp=t2, dp=replica)
-        mine = make_plan(config, Layout(tp=decode.tp), t2).kv_heads
+        mine = rank_shard(config, Layout(tp=decode.tp), t2).kv_heads
         for s, layers in enumerate(stage_layers(config.num_layers, prefill.pp)):
             runs: list[list] = []  # [src, first head, last head]
             for h in mine:

@@ -1,4 +1,4 @@
-"""Shard plan: which slice of the model one rank holds.
+"""What one rank holds: its slice of the model (``RankShard``, made by ``rank_shard``).
 
 For a rank at (tp t of T, pp stage s of P, ep e of E):
 
@@ -38,7 +38,7 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
 
 
 @dataclass(frozen=True)
-class ShardPlan:
+class RankShard:
     layers: range
     q_heads: range
     kv_heads: range
@@ -79,7 +79,7 @@ def kv_replication(config, tp: int) -> int:
     return tp * kv_heads_per_rank(config, tp) // config.num_kv_heads
 
 
-def make_plan(config, layout: Layout, rank: int) -> ShardPlan:
+def rank_shard(config, layout: Layout, rank: int) -> RankShard:
     check_layout(config, layout)
     c, co, tp = config, layout.coords(rank), layout.tp
     rep = kv_replication(c, tp)
@@ -93,7 +93,7 @@ def make_plan(config, layout: Layout, rank: int) -> ShardPlan:
     else:
         experts = range(c.num_experts)
         expert_inter = split(c.moe_intermediate_size, tp, co.tp)
-    return ShardPlan(
+    return RankShard(
         layers=stage_layers(c.num_layers, layout.pp)[co.pp],
         q_heads=split(c.num_heads, tp, co.tp),
         kv_heads=kv_heads,

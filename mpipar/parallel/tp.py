@@ -46,12 +46,12 @@ def allreduce(tp, x, kind=None):
 
 
 class TPBlock:
-    """One decoder layer, holding this rank's slice (see ShardPlan)."""
+    """One decoder layer, holding this rank's slice (see RankShard)."""
 
-    def __init__(self, source, config, plan, layer: int, comms, xp, dtype=np.float32,
+    def __init__(self, source, config, shard, layer: int, comms, xp, dtype=np.float32,
                  slot_expert=None):
         """``slot_expert``: the layer's first expert placement when ep > 1 (eplb.py)."""
-        self.config, self.plan, self.layer, self.comms, self.xp = config, plan, layer, comms, xp
+        self.config, self.shard, self.layer, self.comms, self.xp = config, shard, layer, comms, xp
         self.dtype = dtype  # weights, activations and KV cache (model/layers.py)
         d, p = config.head_dim, layer_prefix(layer)
 
@@ -59,8 +59,8 @@ class TPBlock:
             return L.linear_weight(xp, source.read(p + name, index, dtype=dtype))
 
         all_cols = slice(None)
-        q = slice(plan.q_heads.start * d, plan.q_heads.stop * d)
-        kv = slice(plan.kv_heads.start * d, plan.kv_heads.stop * d)
+        q = slice(shard.q_heads.start * d, shard.q_heads.stop * d)
+        kv = slice(shard.kv_heads.start * d, shard.kv_heads.stop * d)
         self.norm1 = read("input_layernorm.weight")
         self.norm2 = read("post_attention_layernorm.weight")
         self.attn = L.AttentionWeights(
@@ -69,16 +69,16 @@ class TPBlock:
             read("self_attn.v_proj.weight", (kv, all_cols)),
             read("self_attn.o_proj.weight", (all_cols, q)),
             read("self_attn.q_norm.weight"), read("self_attn.k_norm.weight"))
-        self.moe = MoE(source, config, plan, layer, comms, xp, slot_expert, dtype) \
+        self.moe = MoE(source, config, shard, layer, comms, xp, slot_expert, dtype) \
             if config.is_moe_layer(layer) else None
         if self.moe is None:
-            i = slice(plan.inter.start, plan.inter.stop)
+            i = slice(shard.inter.start, shard.inter.stop)
             self.mlp = (read("mlp.gate_proj.weight", (i, all_cols)),
                         read("mlp.up_proj.weight", (i, all_cols)),
                         read("mlp.down_proj.weight", (all_cols, i)))
 
     def new_cache(self, capacity: int):
-        return L.KVCache(self.xp, capacity, len(self.plan.kv_heads), self.config.head_dim,
+        return L.KVCache(self.xp, capacity, len(self.shard.kv_heads), self.config.head_dim,
                          self.dtype)
 
     def forward(self, x, caches, segments, stats):
@@ -100,10 +100,10 @@ class TPBlock:
 class VocabParallelHead:
     """Embedding rows and lm_head rows of this rank's vocab chunk."""
 
-    def __init__(self, source, config, plan, comms, xp, embed: bool, head: bool,
+    def __init__(self, source, config, shard, comms, xp, embed: bool, head: bool,
                  dtype=np.float32):
-        self.config, self.plan, self.comms, self.xp = config, plan, comms, xp
-        rows = (slice(plan.vocab.start, plan.vocab.stop), slice(None))
+        self.config, self.shard, self.comms, self.xp = config, shard, comms, xp
+        rows = (slice(shard.vocab.start, shard.vocab.stop), slice(None))
         self.embed = (xp.asarray(source.read("model.embed_tokens.weight", rows, dtype=dtype))
                       if embed else None)
         if head:
@@ -115,7 +115,7 @@ class VocabParallelHead:
 
     def embed_tokens(self, ids):
         """ids [N] int (host) -> [N, h], summed over the TP group."""
-        xp, v = self.xp, self.plan.vocab
+        xp, v = self.xp, self.shard.vocab
         ids = xp.asarray(ids)
         mine = (ids >= v.start) & (ids < v.stop)
         local = xp.where(mine, ids - v.start, 0)
@@ -148,7 +148,7 @@ class VocabParallelHead:
         local = local.astype(np.float32, copy=False)  # exact: 16-bit values fit float32
         idx = xp.argmax(local, axis=1)
         best = to_host(xp.take_along_axis(local, idx[:, None], axis=1)[:, 0]).astype(np.float32)
-        ids = to_host(idx).astype(np.int64) + self.plan.vocab.start
+        ids = to_host(idx).astype(np.int64) + self.shard.vocab.start
         if tp.size == 1:
             return ids
         n = best.shape[0]

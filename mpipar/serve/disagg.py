@@ -86,8 +86,8 @@ class DisaggEngine:
                                o.block_size, self.max_model_len)
         self.dtype = self.model.dtype
         outbox = Outbox()
-        self.kv = (KVSender(link, self.pool, self.model.plan) if self.prefill else
-                   KVReceiver(link, self.pool, self.model.plan, self.dtype))
+        self.kv = (KVSender(link, self.pool, self.model.shard) if self.prefill else
+                   KVReceiver(link, self.pool, self.model.shard, self.dtype))
         prefill_reporter = layout.prefill_base + layout.prefill.rank_of(
             tp=0, pp=layout.prefill.pp - 1)
         decode_reporters = [layout.decode.rank_of(tp=0, dp=d) for d in range(layout.decode.dp)]
@@ -103,12 +103,12 @@ class DisaggEngine:
         self.decode_sched = HandoffScheduler(
             layout.decode.dp, blocks["decode"], o.block_size, o.max_num_batched_tokens,
             o.max_num_seqs, self.max_model_len, 1, prefix_caching=False)
-        self.slots = {}  # slot -> Seq, shared by both loops
+        self.seqs_by_id = {}  # seq_id -> Seq, shared by both loops
         lanes = layout.prefill.pp
-        self.prefill_loop = StepLoop(link, self.prefill_sched, self.slots, lanes, lanes,
+        self.prefill_loop = StepLoop(link, self.prefill_sched, self.seqs_by_id, lanes, lanes,
                                      range(layout.prefill_base, layout.world),
                                      [prefill_reporter], outbox)
-        self.decode_loop = StepLoop(link, self.decode_sched, self.slots, 1, 1,
+        self.decode_loop = StepLoop(link, self.decode_sched, self.seqs_by_id, 1, 1,
                                     range(layout.decode.world), decode_reporters, outbox,
                                     self.worker)
         self.by_id = {}  # request id -> Seq, from add_request to its end
@@ -124,7 +124,7 @@ class DisaggEngine:
         if req.request_id in self.times:
             raise RequestError(f"request id {req.request_id!r} is already running")
         seq = self.admission.seq(req, sample_key, self.prefill_sched.seqs)
-        self.slots[seq.slot] = seq
+        self.seqs_by_id[seq.seq_id] = seq
         self.prefill_sched.add(seq)
         self.times[req.request_id] = {"arrival": time.perf_counter()}
         self.by_id[req.request_id] = seq
@@ -168,7 +168,7 @@ class DisaggEngine:
         if launched is not None:
             now = time.perf_counter()
             for e in launched.entries[0]:
-                self.times[self.slots[e.slot].request.request_id].setdefault("admitted", now)
+                self.times[self.seqs_by_id[e.seq_id].request.request_id].setdefault("admitted", now)
         ran = self.decode_loop.launch() is not None
         if ran:  # every decode rank runs every step (EP joins replicas): wait for it
             outs = self.decode_loop.harvest(block=True)
@@ -201,7 +201,7 @@ class DisaggEngine:
     def _done(self, out) -> None:
         seq = self.by_id.pop(out.request_id, None)
         if seq is not None:
-            self.slots.pop(seq.slot, None)
+            self.seqs_by_id.pop(seq.seq_id, None)
         t = self.times.pop(out.request_id, {})
         if self.on_timing is not None and out.finish_reason != FINISH_ABORT:
             marks = ("arrival", "admitted", "prefilled", "reserved", "transferred",

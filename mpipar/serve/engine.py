@@ -51,15 +51,15 @@ class ServeEngine:
                                    o.max_num_batched_tokens, o.max_num_seqs,
                                    self.max_model_len, lanes, o.enable_prefix_caching,
                                    o.reserve)
-        self.slots = {}  # slot -> Seq
-        self.loop = StepLoop(self.world, self.scheduler, self.slots, lanes, layout.pp,
+        self.seqs_by_id = {}  # seq_id -> Seq
+        self.loop = StepLoop(self.world, self.scheduler, self.seqs_by_id, lanes, layout.pp,
                              range(self.world.size), reporters, self.worker.outbox,
                              self.worker, o.keep_logits)
 
     # ---- rank 0: requests
     def add_request(self, req: Request, sample_key: int = 0) -> None:
         seq = self.admission.seq(req, sample_key, self.scheduler.seqs)
-        self.slots[seq.slot] = seq
+        self.seqs_by_id[seq.seq_id] = seq
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -96,8 +96,8 @@ class ServeEngine:
         outputs += self.scheduler.take_finished()
         finished = {o.request_id for o in outputs if o.finished}
         if finished:
-            for slot in [k for k, s in self.slots.items() if s.request.request_id in finished]:
-                del self.slots[slot]
+            for k in [k for k, s in self.seqs_by_id.items() if s.request.request_id in finished]:
+                del self.seqs_by_id[k]
         return outputs
 
     def run_worker(self) -> None:

@@ -53,14 +53,14 @@ def _positions(xp, table, length: int, block_size: int):
 class KVSender:
     """A prefill rank's side: pieces out of its pool, sends in flight."""
 
-    def __init__(self, link, pool, plan):
-        self.link, self.pool, self.plan = link, pool, plan  # link: world Group
+    def __init__(self, link, pool, shard):
+        self.link, self.pool, self.shard = link, pool, shard  # link: world Group
         self.pending = []
 
     def take(self, order: KVOrder) -> None:
         xp, pool = self.pool.xp, self.pool
         blocks, offsets = _positions(xp, order.table, order.length, pool.block_size)
-        l_base, h_base = self.plan.layers.start, self.plan.kv_heads.start
+        l_base, h_base = self.shard.layers.start, self.shard.kv_heads.start
         for p in order.pieces:
             layers = range(p.layers.start - l_base, p.layers.stop - l_base)
             heads = slice(p.heads.start - h_base, p.heads.stop - h_base)
@@ -81,8 +81,8 @@ class KVSender:
 class KVReceiver:
     """A decode rank's side: receives posted, pieces into its pool, acks to rank 0."""
 
-    def __init__(self, link, pool, plan, dtype):
-        self.link, self.pool, self.plan, self.dtype = link, pool, plan, dtype
+    def __init__(self, link, pool, shard, dtype):
+        self.link, self.pool, self.shard, self.dtype = link, pool, shard, dtype
         self.pending = []  # (KVOrder, [(handle, Piece)])
         self.outbox = Outbox()
 
@@ -113,7 +113,7 @@ class KVReceiver:
     def _store(self, order: KVOrder, handles) -> None:
         pool, xp = self.pool, self.pool.xp
         blocks, offsets = _positions(xp, order.table, order.length, pool.block_size)
-        l_base, h_base = self.plan.layers.start, self.plan.kv_heads.start
+        l_base, h_base = self.shard.layers.start, self.shard.kv_heads.start
         for h, p in handles:
             piece = h.out  # [2, layers, P, heads, D]
             heads = slice(p.heads.start - h_base, p.heads.stop - h_base)
@@ -142,7 +142,7 @@ class HandoffQueue:
         self.transfers = {}  # xfer id -> [seq, replica, decode table, receivers left]
         self.kv_bytes = {}  # world rank -> [sent, recv] predicted kv_transfer bytes
         self.next_xfer = self.admissions = self.num_transfers = 0
-        self._waited = set()  # slots that found every decode pool full at least once
+        self._waited = set()  # seqs_by_id that found every decode pool full at least once
 
     @property
     def busy(self) -> bool:
@@ -183,7 +183,7 @@ class HandoffQueue:
             fits = [d for d, p in enumerate(pools) if p.num_free >= need
                     and load[d] < self.decode.max_seqs]
             if not fits:
-                self._waited.add(seq.slot)
+                self._waited.add(seq.seq_id)
                 return
             self.queue.pop(0)
             d = min(fits, key=lambda r: load[r])

@@ -7,8 +7,8 @@ Memory (every rank, arrays): for each layer of its stage, keys and values
 
 A sequence holds a block table ``[b_0, b_1, ...]``: its position ``p`` lives in block
 ``table[p // block_size]`` at offset ``p % block_size``. Every rank of a DP replica uses
-the same block numbers (they run the same plan), so only world rank 0 keeps the
-bookkeeping (``BlockManager``, one per replica) and the plan carries the tables.
+the same block numbers (they run the same Step), so only world rank 0 keeps the
+bookkeeping (``BlockManager``, one per replica) and the Step carries the tables.
 
 Attention reads a sequence through ``PagedKV``, which offers what the contiguous
 ``layers.KVCache`` offers (``length`` and ``append(k, v) -> (K, V)`` views

@@ -54,7 +54,7 @@ def build_pool(model, kv_cache_tokens: int, block_size: int, max_model_len: int)
     """This rank's KV pool for ``model``: its layers and kv heads, in its dtype."""
     num_blocks = pool_blocks(kv_cache_tokens, block_size, max_model_len)
     pool = KVPool(model.xp, len(model.blocks), num_blocks, block_size,
-                  len(model.plan.kv_heads), model.config.head_dim, model.dtype)
+                  len(model.shard.kv_heads), model.config.head_dim, model.dtype)
     model.kv_cache_bytes = pool.nbytes
     return pool
 
@@ -117,10 +117,10 @@ class Launched:
 class StepLoop:
     """World rank 0's loop over one group (see the module docstring)."""
 
-    def __init__(self, link, scheduler, slots: dict, lanes: int, window: int, ranks,
+    def __init__(self, link, scheduler, seqs_by_id: dict, lanes: int, window: int, ranks,
                  reporters: list, outbox: Outbox, worker: Worker | None = None,
                  keep_logits: bool = False):
-        self.link, self.scheduler, self.slots = link, scheduler, slots  # slot -> Seq
+        self.link, self.scheduler, self.seqs_by_id = link, scheduler, seqs_by_id  # seq_id -> Seq
         self.lanes, self.next_lane = lanes, 0
         self.window = InFlight(window)
         self.ranks = [r for r in ranks if r != 0]  # who gets every Step (rank 0 runs inline)
@@ -192,12 +192,13 @@ class StepLoop:
             for d, rep in enumerate(entries):
                 row = 0
                 for e in rep:
-                    rows = self.logit_rows.setdefault(self.slots[e.slot].request.request_id, {})
+                    request_id = self.seqs_by_id[e.seq_id].request.request_id
+                    rows = self.logit_rows.setdefault(request_id, {})
                     for j in range(len(e.tokens)):
                         rows[e.start + j] = results[d].logits[row + j]
                     row += len(e.tokens)
         tokens = [results[d].tokens if rep else [] for d, rep in enumerate(entries)]
-        return self.scheduler.update(self.slots, entries, tokens)
+        return self.scheduler.update(self.seqs_by_id, entries, tokens)
 
     def end_workers(self, ranks) -> None:
         """Tell ``ranks`` (rank 0 excluded) to leave ``Worker.serve``."""
@@ -207,11 +208,11 @@ class StepLoop:
 
 
 class Admission:
-    """World rank 0: a request checked and made into a Seq (slot, seed, stop ids)."""
+    """World rank 0: a request checked and made into a Seq (seq_id, seed, stop ids)."""
 
     def __init__(self, vocab_size: int, max_model_len: int, eos: list):
         self.vocab_size, self.max_model_len, self.eos = vocab_size, max_model_len, list(eos)
-        self.next_slot = 0
+        self.next_seq_id = 0
         self._seeds = random.Random()
 
     def seq(self, req: Request, sample_key: int, running) -> Seq:
@@ -223,7 +224,7 @@ class Admission:
         stop = set(int(t) for t in p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos))
         # numpy's generators take seeds >= 0: a negative one maps to its 64-bit pattern
         seed = int(p.seed) % (1 << 64) if p.seed is not None else self._seeds.getrandbits(63)
-        seq = Seq(req, self.next_slot, seed, int(sample_key), 0,
+        seq = Seq(req, self.next_seq_id, seed, int(sample_key), 0,
                   [int(t) for t in req.prompt_ids], frozenset(stop))
-        self.next_slot += 1
+        self.next_seq_id += 1
         return seq

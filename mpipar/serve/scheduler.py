@@ -45,7 +45,7 @@ from .step import Entry, Sampling
 @dataclass
 class Seq:
     request: Request
-    slot: int
+    seq_id: int
     seed: int
     key: int  # the per-sequence part of the sampling generator's seed
     replica: int
@@ -150,7 +150,7 @@ class Scheduler:
                 self._preempt(victim)
             if n:
                 entries.append(self._entry(seq, n))
-                chosen.add(seq.slot)
+                chosen.add(seq.seq_id)
                 budget -= n
         in_lane = sum(1 for s in self.running[d] if s.lane == lane)
         # No admission in a step that had to preempt: the pool is short.
@@ -190,7 +190,7 @@ class Scheduler:
 
     def _victim(self, d: int, chosen: set) -> Seq | None:
         """The most recently admitted running request with nothing in flight."""
-        free = [s for s in self.running[d] if s.in_flight == 0 and s.slot not in chosen]
+        free = [s for s in self.running[d] if s.in_flight == 0 and s.seq_id not in chosen]
         return max(free, key=lambda s: s.admitted) if free else None
 
     def _preempt(self, seq: Seq) -> None:
@@ -215,18 +215,18 @@ class Scheduler:
                                 seq.generated)
             seq.awaiting = True
         seq.in_flight += 1
-        return Entry(seq.slot, seq.tokens[start:seq.num_computed], start, list(seq.table),
+        return Entry(seq.seq_id, seq.tokens[start:seq.num_computed], start, list(seq.table),
                      sampling)
 
     # ---- results of a micro-batch
-    def update(self, seqs_by_slot: dict, entries: list[list[Entry]], tokens: list[list[int]]):
+    def update(self, seqs_by_id: dict, entries: list[list[Entry]], tokens: list[list[int]]):
         """The sampled tokens of one micro-batch (per replica, one per sampling entry)
         -> RequestOutputs of the requests that got a token or finished."""
         outputs = []
         for replica_entries, replica_tokens in zip(entries, tokens, strict=True):
             it = iter(replica_tokens)
             for e in replica_entries:
-                seq = seqs_by_slot[e.slot]
+                seq = seqs_by_id[e.seq_id]
                 seq.in_flight -= 1
                 if e.sampling is None:
                     continue

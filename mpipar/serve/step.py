@@ -15,7 +15,7 @@ disaggregated engines and the KV handoff all speak this one protocol on one tag
 
 Room for what comes next, without another redesign: a StepResult gains per-token
 log-probabilities beside ``tokens`` (``logprobs``: one entry per sampled token, the same
-order); n > 1 choices are entries of their own that share blocks (each its own slot and
+order); n > 1 choices are entries of their own that share blocks (each its own seq_id and
 ``Sampling.key``); a sequence whose K/V is sharded over context-parallel ranks carries
 its shard's table in the Entry; a replica stepping at its own pace is a Step with one
 replica's list filled; and where pickling shows in a profile, a Step packs into a few
@@ -44,7 +44,7 @@ class Sampling:
 @dataclass
 class Entry:
     """One sequence's share of a micro-batch, as every rank of its replica runs it."""
-    slot: int  # the sequence's number in its engine
+    seq_id: int  # the sequence's number in its engine
     tokens: list  # ids at positions start .. start+len(tokens)-1
     start: int
     table: list  # block table in the replica's KV pool, covering start+len positions
