@@ -59,19 +59,17 @@ class Outbox:
         self._pending = []  # (request, buffer kept alive until the send completes)
 
     def post(self, group, obj, dest: int, tag: int, kind: str) -> None:
+        self.post_to(group, obj, [dest], tag, kind)
+
+    def post_to(self, group, obj, dests, tag: int, kind: str) -> None:
+        """``obj`` to each rank of ``dests``, pickled once."""
         from mpi4py import MPI
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        t = time.perf_counter()
-        self._pending.append((group.comm.Isend([data, MPI.BYTE], dest, tag), data))
-        group.ledger.record(kind, len(data), 0, time.perf_counter() - t, t)
+        for dest in dests:
+            t = time.perf_counter()
+            self._pending.append((group.comm.Isend([data, MPI.BYTE], dest, tag), data))
+            group.ledger.record(kind, len(data), 0, time.perf_counter() - t, t)
         self._pending = [(r, d) for r, d in self._pending if not r.Test()]
-
-    def broadcast(self, group, obj, root: int, tag: int = STEP,
-                  kind: str = "control") -> None:
-        """``obj`` to every other rank of ``group`` (each takes it with ``wait_object``)."""
-        for r in range(group.size):
-            if r != root:
-                self.post(group, obj, r, tag, kind)
 
     def flush(self) -> None:
         for request, _ in self._pending:

@@ -146,8 +146,7 @@ class StepLoop:
             return None
         step = Step(entries, self.keep_logits)
         self.last_step_tokens = step.num_tokens
-        for r in self.ranks:
-            self.outbox.post(self.link, step, r, STEP, "control")
+        self.outbox.post_to(self.link, step, self.ranks, STEP, "control")
         launched = Launched(step, {d for d, rep in enumerate(entries) if rep})
         if self.worker is not None:
             local = self.worker.execute(step)
@@ -202,9 +201,7 @@ class StepLoop:
 
     def end_workers(self, ranks) -> None:
         """Tell ``ranks`` (rank 0 excluded) to leave ``Worker.serve``."""
-        for r in ranks:
-            if r != 0:
-                self.outbox.post(self.link, End(), r, STEP, "control")
+        self.outbox.post_to(self.link, End(), [r for r in ranks if r != 0], STEP, "control")
 
 
 class Admission:

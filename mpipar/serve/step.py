@@ -25,10 +25,27 @@ flat int arrays (token ids, starts, lengths, tables) without changing these fiel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
+
+_FIELD_GETTERS = {}  # record class -> attrgetter of its fields, in order
 
 
-@dataclass(frozen=True)
-class Sampling:
+class _Record:
+    """Pickled as its class and its field values in order: the names stay in the code and
+    off the wire, so a Step is no bigger than the same data as plain tuples."""
+    __slots__ = ()
+
+    def __reduce__(self):
+        cls = type(self)
+        get = _FIELD_GETTERS.get(cls)
+        if get is None:
+            get = _FIELD_GETTERS[cls] = attrgetter(*cls.__dataclass_fields__)
+        values = get(self)
+        return cls, values if len(cls.__dataclass_fields__) > 1 else (values,)
+
+
+@dataclass(slots=True)
+class Sampling(_Record):
     """How to pick the token due at the end of an entry (temperature 0: greedy)."""
     temperature: float
     top_p: float
@@ -41,8 +58,8 @@ class Sampling:
         return self.temperature <= 0.0
 
 
-@dataclass
-class Entry:
+@dataclass(slots=True)
+class Entry(_Record):
     """One sequence's share of a micro-batch, as every rank of its replica runs it."""
     seq_id: int  # the sequence's number in its engine
     tokens: list  # ids at positions start .. start+len(tokens)-1
@@ -51,8 +68,8 @@ class Entry:
     sampling: Sampling | None  # set when the entry ends the sequence's known tokens
 
 
-@dataclass
-class Step:
+@dataclass(slots=True)
+class Step(_Record):
     """One micro-batch; ``entries[d]`` is replica d's (maybe empty) list."""
     entries: list  # [dp][n] Entry
     keep_logits: bool = False  # every computed row's full logits back (checks only)
@@ -62,15 +79,15 @@ class Step:
         return sum(len(e.tokens) for rep in self.entries for e in rep)
 
 
-@dataclass
-class StepResult:
+@dataclass(slots=True)
+class StepResult(_Record):
     """A replica's answer to a Step, from its last stage's TP rank 0."""
     tokens: list  # one id per entry with Sampling, in entry order
     logits: object = None  # [rows, V] float32 host array when keep_logits, else None
 
 
-@dataclass
-class KVOrder:
+@dataclass(slots=True)
+class KVOrder(_Record):
     """Send (prefill rank) or receive (decode rank) one request's K/V pieces."""
     send: bool  # True: gather from ``table`` and send; False: receive into ``table``
     xfer: int  # transfer id, acknowledged to world rank 0 when received
