@@ -1,13 +1,15 @@
 """mpipar: reference model parallelism for Qwen3 transformer inference over MPI.
 
-Modules, one concept each:
-  layout        ranks <-> (tp, dp, pp, ep) coordinates; communicator split
-  comm/         hand-coded collectives (ring all-reduce, p2p, all-to-all), ledger
+Floors, bottom up (an import only points down; README "Layout of the code" has the map):
+  comm/         every byte between ranks: ring all-reduce, p2p, all-to-all, tags, ledger
   backend       array module (numpy | cupy), GPU binding, host staging
-  model/        Qwen3 config, checkpoints, layer math, single-process reference
+  model/        configs, checkpoints, layer math, single-process reference, sampling
+  layout        ranks <-> (tp, dp, pp, ep) coordinates; communicator split; disaggregation
   parallel/     what a rank holds, TP, EP, PP, ParallelModel (one step of a rank)
-  cost/         the cost model, one home per formula: memory, traffic (seed + exact
-                per rank), work, time, machines, planner (python -m mpipar.cost.plan)
+  cost/         one home per formula: memory, traffic, work, time, planner
+  program, verify, reporting, trace, launch   the MPI program skeleton and its checks
+  serve/        the step contract, step loop, scheduler, KV pool, engines, HTTP server
+  bench/        benchmark harness and load generator (tools; the library never imports it)
 
 ``mpipar.generate(model, prompts, max_new_tokens)`` (``serve/offline.py``) generates for a
 batch of prompts on a ParallelModel, collectively on every rank.
