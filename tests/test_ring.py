@@ -266,13 +266,13 @@ def test_16_bit_sums_add_in_float32():
         a, b = (rng.standard_normal(999) * 50).astype(dtype), rng.standard_normal(999).astype(dtype)
         want = (a.astype(np.float32) + b.astype(np.float32)).astype(dtype)
         out = np.empty_like(a)
-        assert ring._add(NoHalfAdd(), a, b, out) is out
+        assert ring.add_into(NoHalfAdd(), a, b, out) is out
         np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
-        ring._add(NoHalfAdd(), out, b, out)           # in place
+        ring.add_into(NoHalfAdd(), out, b, out)           # in place
         want = (want.astype(np.float32) + b.astype(np.float32)).astype(dtype)
         np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
     x = np.arange(5, dtype=np.float32)
-    np.testing.assert_array_equal(ring._add(NoHalfAdd(), x, x, np.empty_like(x)), 2 * x)
+    np.testing.assert_array_equal(ring.add_into(NoHalfAdd(), x, x, np.empty_like(x)), 2 * x)
 
 
 def test_chunk_bounds_and_bytes():

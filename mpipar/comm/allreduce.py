@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from .recursive_doubling import recursive_doubling_bytes, recursive_doubling_into
-from .ring import _flat, ring_allreduce_into, ring_bytes
+from .ring import flat_buffer, ring_allreduce_into, ring_bytes
 
 RECURSIVE_DOUBLING_MAX_BYTES = 256 * 1024   # auto: recursive doubling up to this size
 ALGORITHMS = ("ring", "recursive_doubling", "textbook")
@@ -29,12 +29,14 @@ ALGORITHMS = ("ring", "recursive_doubling", "textbook")
 def allreduce_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int,
                     algorithm: str = "auto") -> tuple[int, int]:
     """(sent, recv) of ``ring_allreduce(..., algorithm)`` for this rank."""
-    if _pick(algorithm, n_elems * itemsize) == "recursive_doubling":
+    if pick_algorithm(algorithm, n_elems * itemsize) == "recursive_doubling":
         return recursive_doubling_bytes(n_elems, itemsize, n_ranks, rank)
     return ring_bytes(n_elems, itemsize, n_ranks, rank)     # the fast and the textbook ring
 
 
-def _pick(algorithm: str, nbytes: int) -> str:
+def pick_algorithm(algorithm: str, nbytes: int) -> str:
+    """The path an all-reduce of ``nbytes`` takes: ``algorithm``, or for "auto" recursive
+    doubling up to RECURSIVE_DOUBLING_MAX_BYTES and the ring above."""
     if algorithm == "auto":
         return "recursive_doubling" if nbytes <= RECURSIVE_DOUBLING_MAX_BYTES else "ring"
     if algorithm not in ALGORITHMS:
@@ -52,14 +54,14 @@ def ring_allreduce(group, x, kind=None, algorithm: str = "auto", out=None):
     """
     t = time.perf_counter()
     xp = group.xp
-    src = _flat(group, x)
+    src = flat_buffer(group, x)
     if out is None:
         out = xp.empty(x.shape, dtype=src.dtype)
     elif out.shape != x.shape or out.dtype != src.dtype or not out.flags.c_contiguous:
         raise ValueError("out must be a C-contiguous array of x's shape and dtype")
     flat = out.reshape(-1)                        # [N] view of out
     sent = recv = 0
-    picked = _pick(algorithm, src.nbytes)
+    picked = pick_algorithm(algorithm, src.nbytes)
     if group.size == 1 or src.size == 0:
         flat[...] = src
     elif picked == "recursive_doubling":

@@ -12,14 +12,14 @@ one runs at which size is comm/allreduce.py's choice. Each exchange is one Sendr
 these sizes the cost is the number of MPI calls.
 
 Both partners of an exchange add the same two operands (IEEE addition commutes), so every
-rank ends with the bitwise same result. 16-bit floats add in float32 (``ring._add``) and
+rank ends with the bitwise same result. 16-bit floats add in float32 (``ring.add_into``) and
 cross the wire as 16 bits: a result is rounded log2(p) (+1) times. Tags:
 ``tags.RECURSIVE_DOUBLING`` (fold in, exchange, unfold).
 """
 
 from __future__ import annotations
 
-from .ring import _add, _exchange
+from .ring import add_into, exchange
 from .tags import RECURSIVE_DOUBLING
 from .wire import buf_spec, recv_done
 
@@ -58,14 +58,14 @@ def recursive_doubling_into(group, src, out) -> tuple[int, int]:
             group.comm.Recv(spec, r - 1, RECURSIVE_DOUBLING[0])
             recv_done(group, staged, tmp)
             recv += tmp.size
-            cur = _add(xp, tmp, src, out)
+            cur = add_into(xp, tmp, src, out)
     mask = 1
     while newrank >= 0 and mask < p:
         peer_new = newrank ^ mask
         peer = peer_new * 2 + 1 if peer_new < rem else peer_new + rem
-        _exchange(group, cur, peer, tmp, peer, RECURSIVE_DOUBLING[1])
+        exchange(group, cur, peer, tmp, peer, RECURSIVE_DOUBLING[1])
         sent, recv = sent + cur.size, recv + tmp.size
-        cur = _add(xp, cur, tmp, out)
+        cur = add_into(xp, cur, tmp, out)
         mask <<= 1
     if r < 2 * rem:                               # give the sat-out ranks the result
         if r % 2 == 0:

@@ -23,7 +23,7 @@ summed on one rank and then copied.
 
 Dtypes: float32/64 and integers (wrap-around, like MPI) move as themselves; bool sums
 as logical OR. float16/bfloat16 move as their 16 bits, so the bytes are those of the
-16-bit array (the cost model's S). Each addition (``_add``, also recursive doubling's)
+16-bit array (the cost model's S). Each addition (``add_into``, also recursive doubling's)
 widens both operands to float32 (``wire.acc_dtype``), adds, and rounds once to 16 bits,
 on every backend (CuPy's native float16 add included); since a partial sum crosses the
 wire as 16 bits, a result is rounded once per hop: n-1 times in the ring. A float32
@@ -33,7 +33,7 @@ The fast ring (host arrays; measured against MPICH's Allreduce by
 programs/bench_allreduce.py, results in the README): no copy of the input is made and
 no per-step buffers: all receives of a pass are posted up front straight into the output
 (a reduce-scatter chunk lands in ``out``, gets the local contribution added in place
-(``_add``) and moves on), the step-0 send goes out before any wait, each piece is
+(``add_into``) and moves on), the step-0 send goes out before any wait, each piece is
 forwarded as soon as it lands, and the all-gather starts with the first finished piece
 of the reduce-scatter. Chunks longer than ``SEGMENT_BYTES`` go in pieces, so the next
 rank starts on the first piece while the rest still arrive: a pipeline of n-1 + pieces
@@ -71,7 +71,7 @@ def ring_bytes(n_elems: int, itemsize: int, n_ranks: int, rank: int) -> tuple[in
     return sent * itemsize, recv * itemsize
 
 
-def _add(xp, a, b, out):
+def add_into(xp, a, b, out):
     """out = a + b (out may be a or b); 16-bit floats add in float32, rounded once."""
     wide = acc_dtype(out.dtype)
     if wide == out.dtype:
@@ -162,7 +162,7 @@ def _ring(group, src, out, bounds, reduce: bool, gather: bool) -> tuple[int, int
         for k in range(n - 1):
             for j, (a, b) in enumerate(pieces(r - k - 2)):
                 pipe.wait_recv(k * nseg + j)
-                _add(xp, out[a:b], src[a:b], out[a:b])
+                add_into(xp, out[a:b], src[a:b], out[a:b])
                 if k < n - 2 or gather:          # partial sum on; last step: chunk r done
                     pipe.isend(out[a:b], right)
         for req, _ in pipe.sends[:(n - 1) * nseg]:
@@ -182,7 +182,7 @@ def _ring(group, src, out, bounds, reduce: bool, gather: bool) -> tuple[int, int
     return pipe.sent, pipe.recv
 
 
-def _flat(group, x):
+def flat_buffer(group, x):
     """Contiguous 1-D view of x (a copy only if x is not contiguous)."""
     return group.xp.ascontiguousarray(x).reshape(-1)
 
@@ -190,7 +190,7 @@ def _flat(group, x):
 def ring_reduce_scatter(group, x, kind=None):
     """SUM over ranks of x (any shape, flattened); rank r returns chunk r [len of bounds[r]]."""
     t = time.perf_counter()
-    src = _flat(group, x)
+    src = flat_buffer(group, x)
     bounds = chunk_bounds(src.size, group.size)
     a, b = bounds[group.rank]
     if group.size == 1 or src.size == 0:
@@ -209,7 +209,7 @@ def ring_allgather(group, chunk, counts=None, kind=None):
     """Concatenation over ranks of each rank's 1-D ``chunk`` (counts[i]: rank i's length)."""
     t = time.perf_counter()
     xp, n = group.xp, group.size
-    chunk = _flat(group, chunk)
+    chunk = flat_buffer(group, chunk)
     counts = [chunk.size] * n if counts is None else [int(c) for c in counts]
     if counts[group.rank] != chunk.size:
         raise ValueError(f"chunk has {chunk.size} items, counts says {counts[group.rank]}")
@@ -225,7 +225,7 @@ def ring_allgather(group, chunk, counts=None, kind=None):
     return out
 
 
-def _exchange(group, send, dest, recv, source, tag=RING) -> None:
+def exchange(group, send, dest, recv, source, tag=RING) -> None:
     """One blocking Sendrecv: ``send`` to dest while ``recv`` arrives from source."""
     sspec, _ = buf_spec(group, send)
     rspec, staged = buf_spec(group, recv)
@@ -252,12 +252,12 @@ def _textbook(group, out) -> tuple[int, int]:
     sent = recv = 0
     for k in range(n - 1):                          # reduce-scatter
         send, mine = chunk(r - k - 1), chunk(r - k - 2)
-        _exchange(group, send, right, got[:mine.size], left)
-        _add(xp, got[:mine.size], mine, mine)       # partial sum from the left + my part
+        exchange(group, send, right, got[:mine.size], left)
+        add_into(xp, got[:mine.size], mine, mine)       # partial sum from the left + my part
         sent, recv = sent + send.size, recv + mine.size
     for k in range(n - 1):                          # all-gather
         send, into = chunk(r - k), chunk(r - k - 1)
-        _exchange(group, send, right, into, left)
+        exchange(group, send, right, into, left)
         sent, recv = sent + send.size, recv + into.size
     return sent, recv
 

@@ -7,7 +7,7 @@ What moves:
     16 bits: ``mpi_type`` gives UINT16 over the array's own buffer, 2 bytes an element.
     MPI never reduces them: every reduction in ``mpipar.comm`` is done by the array
     module on this side of the wire.
-  * Reductions of 16-bit floats add in float32 (``acc_dtype``; ``ring._add``): both
+  * Reductions of 16-bit floats add in float32 (``acc_dtype``; ``ring.add_into``): both
     operands are widened, added, and the sum rounded to 16 bits once, before it goes on
     the wire or is the result. The wire stays 16-bit, so the bytes a reduction moves
     are those of the 16-bit array (what the cost model counts).

@@ -71,7 +71,7 @@ def allreduce_time(link: Link, nbytes: int, n: int) -> float:
     if n == 1 or nbytes == 0:
         return 0.0
     sent = allreduce.allreduce_bytes(nbytes, 1, n, 0)[0]
-    small = allreduce._pick("auto", nbytes) == "recursive_doubling"
+    small = allreduce.pick_algorithm("auto", nbytes) == "recursive_doubling"
     messages = sent / nbytes if small else 2 * (n - 1)
     return link.message(sent, messages)
 
