@@ -254,23 +254,23 @@ def test_plan_cli_filters_and_json(tmp_path):
 
 
 def test_bench_machine_figures_are_measured():
-    from mpipar.bench import machine as benchkit
-    rates = benchkit.sgemm_rates(rows=(1, 8), k=256, out=512, mib=2, min_time=0.01)
+    from mpipar.bench import machine
+    rates = machine.sgemm_rates(rows=(1, 8), k=256, out=512, mib=2, min_time=0.01)
     assert set(rates) == {1, 8} and all(r > 1e6 for r in rates.values())
-    assert benchkit.read_bandwidth(mib=8, min_time=0.01) > 1e8
-    assert benchkit.copy_bandwidth(mib=8, min_time=0.01) > 1e8
+    assert machine.read_bandwidth(mib=8, min_time=0.01) > 1e8
+    assert machine.copy_bandwidth(mib=8, min_time=0.01) > 1e8
 
 
 def test_bench_machine_link_between_ranks():
     from mpi4py import MPI
 
-    from mpipar.bench import machine as benchkit
+    from mpipar.bench import machine
     from mpipar.comm.group import Group
     from mpipar.comm.ledger import Ledger
     world = MPI.COMM_WORLD
     if world.Get_size() < 2:
         pytest.skip("needs 2 ranks")
-    res = benchkit.link_figures(Group(world, "world", Ledger()), large=1 << 20, repeats=20)
+    res = machine.link_figures(Group(world, "world", Ledger()), large=1 << 20, repeats=20)
     if world.Get_rank() == 0:
         assert res["bandwidth_Bps"] > 1e6 and 0 <= res["latency_s"] < res["small_s"] + 1e-12
     else:
