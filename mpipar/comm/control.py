@@ -62,8 +62,10 @@ class Outbox:
         self.post_to(group, obj, [dest], tag, kind)
 
     def post_to(self, group, obj, dests, tag: int, kind: str) -> None:
-        """``obj`` to each rank of ``dests``, pickled once."""
+        """``obj`` to each rank of ``dests``, pickled once (not at all for no rank)."""
         from mpi4py import MPI
+        if not dests:
+            return
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         for dest in dests:
             t = time.perf_counter()
