@@ -133,7 +133,7 @@ def test_missing_moe_field(key):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"model_type": "llama"}, ["model_type", "'llama'", "qwen3_moe"]),
+    ({"model_type": "gemma3"}, ["model_type", "'gemma3'", "qwen3, qwen3_moe, llama, qwen2"]),
     ({"num_key_value_heads": 3}, ["num_key_value_heads", "3", "16"]),
     ({"num_experts_per_tok": 9}, ["num_experts_per_tok", "9", "8"]),
     ({"hidden_size": 0}, ["hidden_size", "0", "positive"]),
@@ -145,7 +145,10 @@ def test_missing_moe_field(key):
     ({"rms_norm_eps": 0}, ["rms_norm_eps", "0"]),
     ({"torch_dtype": "int8"}, ["torch_dtype", "int8"]),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope_type", "yarn"]),
-    ({"attention_bias": True}, ["attention_bias"]),
+    ({"attention_bias": "yes"}, ["attention_bias", "true or false"]),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     ["rope_scaling.low_freq_factor", "llama3"]),
+    ({"rope_scaling": {"type": "linear"}}, ["rope_scaling.factor", "linear"]),
     ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
     ({"quantization_config": {"quant_method": "fp8"}}, ["quantization_config", "fp8"]),
     ({"layer_types": ["full_attention", "sliding_attention"]}, ["layer_types", "sliding"]),
