@@ -15,7 +15,8 @@ q_norm, k_norm) are 1 + 0.1*N(0, 1) and biases 0.1*N(0, 1), so an implementation
 drops a norm weight or a bias gives different numbers. With pre-norm blocks each sublayer
 adds an O(1) term to the residual stream (its rms grows like sqrt(layers), no blow-up),
 the router's logits are O(1) (tokens spread over experts), and the logits are O(1): on
-builtin-moe the top-1 / top-2 margin of greedy decoding is far above float32 noise (see tests/test_checkpoint.py).
+builtin-moe the top-1 / top-2 margin of greedy decoding is far above float32 noise (see
+tests/test_checkpoint.py).
 """
 
 from __future__ import annotations
