@@ -4,12 +4,14 @@ config or a preset.
 One description for every family: the families differ only in switches, read here in
 ``_parse`` and nowhere else (the layers take the switches, never the model_type):
 
-  model_type   qk_norm   qkv_bias             o_bias               mlp_bias     rope_scaling
-  qwen3(_moe)  true      attention_bias       attention_bias       false        --
-  llama        false     attention_bias       attention_bias       mlp_bias     llama3, linear
-  qwen2        false     true                 false                false        llama3, linear
+  model_type   qk_norm   qkv_bias             o_bias               mlp_bias
+  qwen3(_moe)  true      attention_bias       attention_bias       false
+  llama        false     attention_bias       attention_bias       mlp_bias
+  qwen2        false     true                 false                false
 
-``rope_scaling`` (None or a dict with ``rope_type`` and its parameters) changes the
+(``attention_bias`` and ``mlp_bias`` are the config.json keys, default false.) Every
+family reads ``rope_scaling`` (None or a dict with ``rope_type`` and its parameters,
+from ``rope_parameters`` or the older ``rope_scaling`` key), which changes the
 rotary frequencies once, in ``layers.rope_inv_freq``: ``linear`` divides them by
 ``factor`` (positions / factor); ``llama3`` divides the low frequencies by ``factor``,
 keeps the high ones and interpolates between (transformers' _compute_llama3_parameters).
