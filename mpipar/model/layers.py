@@ -1,10 +1,11 @@
-"""The math of one decoder block (Qwen3, Llama, Qwen2), written once against an array module ``xp``.
+"""The math of one decoder block (Qwen3, Llama, Qwen2), written once against an array module
+``xp``.
 
 The single-process reference and the parallel engine both call these functions; the
 parallel versions differ only in which slice of the weights they hold (fewer heads,
 a slice of the intermediate dimension, some experts) and which collective follows.
 
-Conventions (Qwen3, as transformers computes it):
+Conventions (as transformers computes them):
 - RMSNorm: ``w * x / sqrt(mean(x^2) + eps)``, in float32.
 - Linear: ``x @ W.T + b``; a bias that is None (the family has none) is skipped.
 - q_norm / k_norm (Qwen3): RMSNorm over head_dim, per head, after the projections,
