@@ -121,7 +121,7 @@ def step_weight_bytes(model, batch: int) -> float:
     """Bytes of weights this rank reads in one decode step of ``batch`` tokens."""
     c, total = model.config, 0.0
     for b in model.blocks:
-        arrays = [b.norm1, b.norm2, *vars(b.attn).values()]
+        arrays = [b.norm1, b.norm2, *(a for a in vars(b.attn).values() if a is not None)]
         arrays += [b.moe.router] if b.moe else list(b.mlp)
         total += sum(a.nbytes for a in arrays)
         if b.moe:

@@ -4,6 +4,7 @@ ml_dtypes' rounding. Not an MPI test: every rank runs it on its own (tmp_path pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -236,3 +237,31 @@ def test_random_model_is_not_degenerate():
         margin = top2[:, 1] - top2[:, 0]
         assert 0.5 < logits.std() < 3 and margin.min() > 1e-3 and np.median(margin) > 0.05
         assert len(set(np.argmax(logits, -1).tolist())) > 3  # not one token everywhere
+
+
+def test_llama_and_qwen2_shapes_know_biases_and_no_qk_norm(fixtures_dir, tmp_path):
+    """expected_shapes follows the switches: Llama's biases (q, k, v, o, gate, up, down),
+    Qwen2's (q, k, v), neither has q_norm/k_norm; a missing bias or a wrong bias shape is
+    named; save_checkpoint + reader round-trip a Llama folder."""
+    d, want = _fixture(fixtures_dir, "llama-bias-llama3")
+    cfg = CheckpointReader(d).config
+    shapes = expected_shapes(cfg)
+    assert set(shapes) == set(want)  # exactly the tensors transformers wrote
+    assert shapes["model.layers.0.self_attn.k_proj.bias"] == (16,)
+    assert shapes["model.layers.0.mlp.down_proj.bias"] == (48,)
+    assert not any("_norm.weight" in n and "self_attn" in n for n in shapes)
+    q2 = CheckpointReader(os.path.join(fixtures_dir, "qwen2-bias-linear-tied")).config
+    names = set(expected_shapes(q2))
+    assert "model.layers.2.self_attn.v_proj.bias" in names
+    assert not any(n.endswith(("o_proj.bias", "gate_proj.bias")) or "q_norm" in n
+                   for n in names)
+    gone = "model.layers.4.self_attn.k_proj.bias"
+    save_checkpoint(tmp_path / "missing", cfg, {n: a for n, a in want.items() if n != gone})
+    _expect_error(tmp_path / "missing", f"missing tensor {gone}", "[16]")
+    bad = "model.layers.1.mlp.up_proj.bias"
+    save_checkpoint(tmp_path / "shape", cfg, {**want, bad: want[bad][:70]})
+    _expect_error(tmp_path / "shape", bad, "[70]", "expected [77]")
+    save_checkpoint(tmp_path / "ok", cfg, want)
+    again = CheckpointReader(tmp_path / "ok")
+    assert again.config == dataclasses.replace(cfg, name="ok")
+    np.testing.assert_array_equal(again.read(gone), want[gone])

@@ -133,7 +133,7 @@ def test_missing_moe_field(key):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"model_type": "llama"}, ["model_type", "'llama'", "qwen3_moe"]),
+    ({"model_type": "gemma3"}, ["model_type", "'gemma3'", "qwen3, qwen3_moe, llama, qwen2"]),
     ({"num_key_value_heads": 3}, ["num_key_value_heads", "3", "16"]),
     ({"num_experts_per_tok": 9}, ["num_experts_per_tok", "9", "8"]),
     ({"hidden_size": 0}, ["hidden_size", "0", "positive"]),
@@ -145,7 +145,10 @@ def test_missing_moe_field(key):
     ({"rms_norm_eps": 0}, ["rms_norm_eps", "0"]),
     ({"torch_dtype": "int8"}, ["torch_dtype", "int8"]),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope_type", "yarn"]),
-    ({"attention_bias": True}, ["attention_bias"]),
+    ({"attention_bias": "yes"}, ["attention_bias", "true or false"]),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     ["rope_scaling.low_freq_factor", "llama3"]),
+    ({"rope_scaling": {"type": "linear"}}, ["rope_scaling.factor", "linear"]),
     ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
     ({"quantization_config": {"quant_method": "fp8"}}, ["quantization_config", "fp8"]),
     ({"layer_types": ["full_attention", "sliding_attention"]}, ["layer_types", "sliding"]),
@@ -179,3 +182,51 @@ def test_direct_construction_is_validated():
                        "moe_intermediate_size": 8, "mlp_only_layers": [0]})
     assert c.model_type == "qwen3_moe" and c.mlp_only_layers == (0,)
     assert [c.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+
+
+@pytest.mark.parametrize("fixture", ["llama-bias-llama3", "qwen2-bias-linear-tied"])
+def test_llama_and_qwen2_switches_from_both_key_styles(fixtures_dir, fixture):
+    """One description, switches read in one place: q/k norm, biases, RoPE scaling."""
+    d = os.path.join(fixtures_dir, fixture)
+    v5 = load_config(d)
+    v4 = ModelConfig.from_hf(os.path.join(d, "config_v4style.json"), name=fixture)
+    assert v5 == v4
+    if fixture.startswith("llama"):
+        with open(os.path.join(d, "config.json")) as f:
+            assert "head_dim" not in json.load(f)
+        assert (v5.model_type, v5.head_dim, v5.qk_norm, v5.qkv_bias, v5.o_bias,
+                v5.mlp_bias, v5.tie_word_embeddings) == ("llama", 8, False, True, True, True,
+                                                         False)
+        assert v5.rope_scaling_dict == dict(
+            rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0,
+            original_max_position_embeddings=256)
+    else:
+        assert (v5.model_type, v5.qk_norm, v5.qkv_bias, v5.o_bias, v5.mlp_bias,
+                v5.tie_word_embeddings) == ("qwen2", False, True, False, False, True)
+        assert v5.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+    assert v5.rope_theta == 1e4
+
+
+@pytest.mark.parametrize("style", ["v4", "v5"])
+@pytest.mark.parametrize("family, switches", [
+    ("llama", dict(qkv_bias=True, o_bias=True, mlp_bias=True,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ("llama", dict()),
+    ("qwen2", dict(qkv_bias=True)),
+    ("qwen3", dict(qkv_bias=True, o_bias=True, qk_norm=True)),
+])
+def test_families_round_trip_through_hf_config(style, family, switches):
+    qk = dict(qk_norm=False) if family != "qwen3" else {}
+    c = ModelConfig(**TINY, model_type=family, **{**qk, **switches})
+    back = ModelConfig.from_hf(c.to_hf(style))
+    assert back == c and hash(back) == hash(c)
+    assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_qwen3_and_llama_defaults_differ_only_in_switches():
+    base = get_preset("qwen3-0.6b").to_hf()
+    llama = dict(base, model_type="llama")
+    c3, cl = ModelConfig.from_hf(base), ModelConfig.from_hf(llama)
+    assert c3.qk_norm and not cl.qk_norm
+    assert (c3.qkv_bias, c3.o_bias, cl.qkv_bias, cl.o_bias, cl.mlp_bias) == (False,) * 5
+    assert ModelConfig.from_hf(dict(base, model_type="qwen2")).qkv_bias

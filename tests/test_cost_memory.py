@@ -174,3 +174,39 @@ def test_one_kv_formula_and_one_dtype_table():
     for name in FLOAT_NAMES:
         assert compute_dtype(name, None) == float_dtype(name)
         assert dtype_size(name) == float_dtype(name).itemsize
+
+
+FIXTURES = ["qwen3-tiny", "qwen3-moe-tiny", "qwen3-mqa-bf16-tied", "qwen3-moe-mixed-sharded",
+            "llama-bias-llama3", "qwen2-bias-linear-tied"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_param_counts_equal_the_checkpoint_tensors(fixtures_dir, name):
+    """Every value stored (biases, q/k norms where the family has them) is counted, and a
+    rank of tp=1, pp=1 holds all of them."""
+    import math
+    import os
+
+    from mpipar.model import CheckpointReader
+    reader = CheckpointReader(os.path.join(fixtures_dir, name))
+    stored = sum(math.prod(shape) for f in reader.files
+                 for _code, shape, _b, _e in f.entries.values())
+    c = reader.config
+    assert cm.param_counts(c).total == stored
+    assert sum(cm.rank_params(c, Layout(), 0).values()) == stored
+
+
+def test_rank_params_slice_the_biases():
+    """Llama biases at tp=2: q/k/v and gate/up biases halve, o/down biases stay whole."""
+    kw = dict(vocab_size=64, hidden_size=24, num_layers=1, num_heads=4, num_kv_heads=2,
+              head_dim=6, intermediate_size=40, model_type="llama", qk_norm=False)
+    plain = ModelConfig(**kw)
+    bias = ModelConfig(**kw, qkv_bias=True, o_bias=True, mlp_bias=True)
+    one, two = (cm.rank_params(bias, Layout(tp=t), 0) for t in (1, 2))
+    base1, base2 = (cm.rank_params(plain, Layout(tp=t), 0) for t in (1, 2))
+    assert one["attention"] - base1["attention"] == (4 + 2 * 2) * 6 + 24
+    assert two["attention"] - base2["attention"] == (2 + 2 * 1) * 6 + 24
+    assert two["dense_mlp"] - base2["dense_mlp"] == 2 * 20 + 24
+    assert one["norms"] == 2 * 24 + 24  # no q/k norm; final norm
+    assert cm.param_counts(bias).total - cm.param_counts(plain).total == \
+        (4 + 2 * 2) * 6 + 24 + 2 * 40 + 24

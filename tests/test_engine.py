@@ -99,8 +99,11 @@ def check_generation(gen, refs, config, where):
     assert np.abs(gen.decode_logits[0] - refs["decode_a"]).max() < TOL, where
 
 
-# MQA + tied + bf16 + 5 layers + odd vocab; MoE top-3 with dense layers between, sharded.
-MORE_SHAPES = ["qwen3-mqa-bf16-tied", "qwen3-moe-mixed-sharded", "qwen3-chat"]
+# MQA + tied + bf16 + 5 layers + odd vocab; MoE top-3 with dense layers between, sharded;
+# Llama (biases everywhere, llama3 RoPE, no head_dim, 6/2 heads: tp 1, 2, 6); Qwen2 (q/k/v
+# biases, linear RoPE, tied, 8/2 heads: kv replicated at tp=4, 3 layers: uneven pp=2).
+MORE_SHAPES = ["qwen3-mqa-bf16-tied", "qwen3-moe-mixed-sharded", "qwen3-chat",
+               "llama-bias-llama3", "qwen2-bias-linear-tied"]
 
 
 @pytest.mark.parametrize("name", MORE_SHAPES)
@@ -173,7 +176,13 @@ def test_kv_heads_replicated_when_tp_exceeds_them():
 
 
 @pytest.mark.parametrize("kwargs, cfg_kw, words", [
-    ({"tp": 3}, {}, ["tp=3", "8 attention heads"]),
+    ({"tp": 3}, {}, ["tp=3", "8 attention heads", "tp=1, tp=2, tp=4 or tp=8 would"]),
+    # SmolLM2-135M's shape: 9 heads, 3 kv heads, FFN 1536 (split unevenly where it must)
+    ({"tp": 2}, {"num_heads": 9, "num_kv_heads": 3, "hidden_size": 576, "head_dim": 64,
+                 "intermediate_size": 1536},
+     ["tp=2 does not divide the 9 attention heads", "tp=1, tp=3 or tp=9 would"]),
+    ({"tp": 6}, {"num_heads": 12, "num_kv_heads": 4}, ["tp=6", "4 kv heads",
+                                                      "tp=1, tp=2, tp=4 or tp=12 would"]),
     ({"tp": 8}, {"num_kv_heads": 3, "num_heads": 24}, ["tp=8", "3 kv heads"]),
     ({"pp": 5}, {}, ["pp=5", "4"]),
     ({"tp": 2, "ep": 2}, {}, ["ep=2", "dense"]),

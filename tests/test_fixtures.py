@@ -92,7 +92,8 @@ def test_the_fixtures_cover_real_checkpoint_shapes():
     """Each case the fixtures exist for is really in them (see make_fixtures.SPECS)."""
     cfg = {n: CheckpointReader(os.path.join(REPO_FIXTURES, n)).config for n in REPO_NAMES}
     assert set(cfg) >= {"qwen3-tiny", "qwen3-moe-tiny", "qwen3-mqa-bf16-tied",
-                        "qwen3-moe-mixed-sharded", "qwen3-chat"}
+                        "qwen3-moe-mixed-sharded", "qwen3-chat", "llama-bias-llama3",
+                        "qwen2-bias-linear-tied"}
     assert cfg["qwen3-tiny"].num_kv_heads < 4  # fewer kv heads than tp=4: replication
     mqa = cfg["qwen3-mqa-bf16-tied"]
     assert mqa.num_kv_heads == 1 and mqa.num_heads * mqa.head_dim != mqa.hidden_size
@@ -112,6 +113,36 @@ def test_the_fixtures_cover_real_checkpoint_shapes():
     assert len(sharded.files) > 1
     assert os.path.isfile(os.path.join(REPO_FIXTURES, "qwen3-moe-mixed-sharded",
                                        "model.safetensors.index.json"))
+
+
+def test_the_llama_and_qwen2_fixtures_exercise_their_switches():
+    """Llama: biases on q, k, v, o, gate, up, down, no q/k norm, no head_dim in config.json,
+    untied, llama3 RoPE scaling with a frequency in each of its three regimes; Qwen2:
+    q/k/v biases only, linear scaling, tied, fewer kv heads than tp=4."""
+    from mpipar.model.layers import rope_inv_freq
+    llama = CheckpointReader(os.path.join(REPO_FIXTURES, "llama-bias-llama3"))
+    names = set(llama.files[0].entries)
+    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert f"model.layers.0.{proj}.bias" in names, proj
+    assert not any("q_norm" in n or "k_norm" in n for n in names)
+    assert "lm_head.weight" in names
+    c = llama.config
+    with open(os.path.join(REPO_FIXTURES, "llama-bias-llama3", "config.json")) as f:
+        assert "head_dim" not in json.load(f)
+    rs = c.rope_scaling_dict
+    ratio = rope_inv_freq(np, c.head_dim, c.rope_theta) / rope_inv_freq(
+        np, c.head_dim, c.rope_theta, rs)
+    assert ratio[0] == 1 and ratio[-1] == rs["factor"] and (
+        (ratio > 1) & (ratio < rs["factor"])).any(), ratio
+    qwen2 = CheckpointReader(os.path.join(REPO_FIXTURES, "qwen2-bias-linear-tied"))
+    names = set(qwen2.files[0].entries)
+    assert "model.layers.0.self_attn.k_proj.bias" in names
+    assert not any(n.endswith(("o_proj.bias", "mlp.down_proj.bias")) or "q_norm" in n
+                   for n in names)
+    assert "lm_head.weight" not in names and qwen2.config.tie_word_embeddings
+    assert qwen2.config.rope_scaling_dict["rope_type"] == "linear"
+    assert qwen2.config.num_kv_heads < 4 and qwen2.config.num_layers % 2 == 1
 
 
 def test_chat_fixture_tokenizer_and_eos():

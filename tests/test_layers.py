@@ -388,3 +388,82 @@ def test_attention_packed_sequences_with_caches():
                                          ref_k[seq], ref_v[seq])
         np.testing.assert_allclose(got2[row:row + 1], want, rtol=2e-4, atol=2e-5)
     assert [c.length for c in caches] == [6, 4]
+
+
+def ref_llama3_freqs(d, theta, factor, lo, hi, old_len):
+    """Meta's apply_scaling (llama3 RoPE), one frequency at a time in Python floats."""
+    out = []
+    for i in range(d // 2):
+        freq = 1.0 / theta ** (2 * i / d)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / hi:
+            out.append(freq)
+        elif wavelen > old_len / lo:
+            out.append(freq / factor)
+        else:
+            smooth = (old_len / wavelen - lo) / (hi - lo)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+
+def test_llama3_rope_scaling_in_each_regime():
+    """High frequencies kept, low ones / factor, the middle blended: every regime occurs."""
+    d, theta = 16, 1e4
+    s = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=512)
+    got = L.rope_inv_freq(xp, d, theta, s)
+    plain = L.rope_inv_freq(xp, d, theta)
+    np.testing.assert_allclose(got, ref_llama3_freqs(d, theta, 8.0, 1.0, 4.0, 512),
+                               rtol=1e-12)
+    ratio = plain / got
+    assert ratio[0] == 1.0 and ratio[-1] == pytest.approx(8.0)
+    assert any(1.0 < r < 8.0 for r in ratio)  # a blended frequency
+    np.testing.assert_array_equal(L.rope_inv_freq(xp, d, theta, None), plain)
+
+
+def test_linear_rope_scaling_divides_positions():
+    d, theta, f = 12, 1e4, 4.0
+    positions = np.array([0, 3, 8, 100])
+    cos, sin = L.rope_cos_sin(xp, positions, d, theta, {"rope_type": "linear", "factor": f})
+    want_cos, want_sin = L.rope_cos_sin(xp, positions / f, d, theta)
+    np.testing.assert_allclose(cos, want_cos, atol=1e-7)
+    np.testing.assert_allclose(sin, want_sin, atol=1e-7)
+
+
+def test_attention_with_biases_and_no_qk_norm():
+    """Llama / Qwen2: x @ W.T + b for q, k, v (and o), no q/k norm, scaled RoPE."""
+    r = rng(12)
+    h, hq, hkv, d, eps, theta = 11, 4, 2, 6, 1e-6, 1e4
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    w = L.AttentionWeights(
+        q=f32(r.normal(size=(hq * d, h)) / 3), k=f32(r.normal(size=(hkv * d, h)) / 3),
+        v=f32(r.normal(size=(hkv * d, h)) / 3), o=f32(r.normal(size=(h, hq * d)) / 5),
+        q_bias=f32(r.normal(size=hq * d)), k_bias=f32(r.normal(size=hkv * d)),
+        v_bias=f32(r.normal(size=hkv * d)), o_bias=f32(r.normal(size=h)))
+    x = f32(r.normal(size=(7, h)))
+    got = L.attention(xp, x, w, [L.KVCache(xp, 7, hkv, d)], [(0, 0, 7)], d, eps, theta,
+                      scaling)
+    x64 = np.asarray(x, np.float64)
+
+    def proj(wt, b):
+        return x64 @ np.asarray(wt, np.float64).T + b
+    pos = np.arange(7) / 2.0  # linear scaling: positions / factor
+    q = ref_rope_complex(proj(w.q, w.q_bias).reshape(7, hq, d), pos, theta)
+    k = ref_rope_complex(proj(w.k, w.k_bias).reshape(7, hkv, d), pos, theta)
+    v = proj(w.v, w.v_bias).reshape(7, hkv, d)
+    want = ref_attention(q, k, v).reshape(7, -1) @ np.asarray(w.o, np.float64).T + w.o_bias
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_swiglu_with_biases():
+    r = rng(13)
+    h, i = 9, 14
+    x = f32(r.normal(size=(5, h)))
+    wg, wu, wd = (f32(r.normal(size=s) / 3) for s in ((i, h), (i, h), (h, i)))
+    bg, bu, bd = f32(r.normal(size=i)), f32(r.normal(size=i)), f32(r.normal(size=h))
+    g, u = x @ wg.T + bg, x @ wu.T + bu
+    want = (g / (1 + np.exp(-g)) * u) @ wd.T + bd
+    np.testing.assert_allclose(L.swiglu(xp, x, wg, wu, wd, (bg, bu, bd)), want, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(L.swiglu(xp, x, wg, wu, wd, (bg, bu, None)), want - bd,
+                               rtol=1e-4, atol=1e-5)

@@ -191,3 +191,23 @@ def test_non_finite_weights_name_the_first_bad_layer(fixtures_dir, tmp_path, poi
     errors = error_lines(out.text)
     assert len(errors) == 1 and named in errors[0], out.text
     assert "Traceback" not in out.text
+
+
+def test_llama_fixture_under_tp_and_a_tp_it_cannot_take(fixtures_dir, tmp_path):
+    """A Llama checkpoint (biases, llama3 RoPE, no head_dim) gives transformers' tokens
+    at tp=2; tp=4 over its 6 heads is refused with the tp sizes that would work."""
+    model = os.path.join(fixtures_dir, "llama-bias-llama3")
+    ref = load_ref(model)
+    js = tmp_path / "out.json"
+    out = program(2, ["--model", model, "--tp", "2", "--prompt-ids", ids(ref["prompt_a"]),
+                      "--max-new-tokens", "8", "--json", str(js)])
+    assert out.returncode == 0, out.text
+    with open(js, encoding="utf-8") as f:
+        rec = json.load(f)
+    assert rec["tokens"] == [ref["greedy_generate"]] and rec["check"] == "pass"
+    out = program(4, ["--model", model, "--tp", "4", "--max-new-tokens", "2"], timeout=60)
+    assert out.returncode == 2, out.text
+    errors = error_lines(out.text)
+    assert len(errors) == 1, out.text
+    assert "tp=4 does not divide the 6 attention heads" in errors[0], errors[0]
+    assert "tp=1, tp=2 or tp=6 would" in errors[0], errors[0]

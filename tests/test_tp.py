@@ -243,3 +243,61 @@ def test_argmax_ties_go_to_the_lowest_id_across_ranks(world, tp):
     same(problems, "argmax with ties", head.argmax(local), np.array(want))
     same(problems, "full logits", head.full_logits(local), g)
     settle(world, problems)
+
+
+def make_bias_config(kv_heads, family):
+    """Dense, no q/k norm, the biases and RoPE scaling of Llama or Qwen2; odd sizes."""
+    switches = {"llama": dict(qkv_bias=True, o_bias=True, mlp_bias=True, rope_scaling=dict(
+        rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0,
+        original_max_position_embeddings=64)),
+        "qwen2": dict(qkv_bias=True, rope_scaling=dict(rope_type="linear", factor=3.0))}
+    return ModelConfig(vocab_size=83, hidden_size=27, num_layers=1, num_heads=4,
+                       num_kv_heads=kv_heads, head_dim=6, intermediate_size=37,
+                       rope_theta=1e4, model_type=family, qk_norm=False, **switches[family])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("tp", sizes(1, 2, 4))
+def test_tp_block_slices_each_bias_with_its_weight(world, tp, kv_heads, family):
+    """q/k/v biases sliced like their rows (k/v replicated with their kv head when
+    tp > kv heads), gate/up biases like the intermediate rows; the o_proj / down_proj
+    bias added once after the all-reduce; prefill + decode equal the reference block."""
+    layout = layout_for(world, tp=tp)
+    cfg = make_bias_config(kv_heads, family)
+    source = RandomWeights(cfg, seed=29)
+    ref = ReferenceModel(source)
+    comms = make_comms(layout, world)
+    d = cfg.head_dim
+    shard = rank_shard(cfg, layout, comms.coords.world)
+    block = TPBlock(source, cfg, shard, 0, comms, np)
+    problems = []
+    check_slices(problems, block, source, shard, 0, d, 1)
+
+    def full(name):
+        return source.read("model.layers.0." + name)
+    q = slice(shard.q_heads.start * d, shard.q_heads.stop * d)
+    kv = slice(shard.kv_heads.start * d, shard.kv_heads.stop * d)
+    a = block.attn
+    same(problems, "q bias", a.q_bias, full("self_attn.q_proj.bias")[q])
+    same(problems, "k bias", a.k_bias, full("self_attn.k_proj.bias")[kv])
+    same(problems, "v bias", a.v_bias, full("self_attn.v_proj.bias")[kv])
+    if a.q_norm is not None or a.k_norm is not None or a.o_bias is not None:
+        problems.append("q/k norm held, or o bias inside the partial sum")
+    if family == "llama":
+        i = slice(shard.inter.start, shard.inter.stop)
+        same(problems, "o bias (whole)", block.o_bias, full("self_attn.o_proj.bias"))
+        same(problems, "gate bias", block.mlp_bias[0], full("mlp.gate_proj.bias")[i])
+        same(problems, "up bias", block.mlp_bias[1], full("mlp.up_proj.bias")[i])
+        same(problems, "down bias (whole)", block.down_bias, full("mlp.down_proj.bias"))
+    elif block.o_bias is not None or block.mlp_bias is not None:
+        problems.append("qwen2 holds an o or MLP bias")
+    rng = np.random.default_rng(200 + comms.coords.dp)
+    caches = [block.new_cache(80) for _ in range(2)]
+    ref_caches = [L.KVCache(np, 80, kv_heads, d) for _ in range(2)]
+    for step, (n, segments) in enumerate([(70, [(0, 0, 5), (1, 5, 65)]),
+                                          (2, [(1, 0, 1), (0, 1, 1)])]):
+        x = (rng.standard_normal((n, cfg.hidden_size)) * 1.5).astype(np.float32)
+        got = block.forward(x.copy(), caches, segments, None)
+        close(problems, f"step {step} output", got, ref.block(0, x, ref_caches, segments))
+    settle(world, problems)

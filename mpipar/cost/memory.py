@@ -5,9 +5,10 @@ head_dim, V vocab, I dense intermediate, E experts, k experts per token (top_k),
 moe_intermediate; layout tp = t, pp = p, dp, ep = l.  "GB" is 1e9 bytes (the seed's
 80 - 235*2/8 = 21.25 uses decimal units throughout).
 
-Parameters (Qwen3 has no biases):
-  attention/layer = h*H*d (q) + 2*h*KV*d (k, v) + H*d*h (o) + 2*d (q_norm, k_norm)
-  dense MLP/layer = 3*h*I        MoE/layer = E*3*h*m (experts) + E*h (router)
+Parameters (biases and q/k norms only where the config's switches say: model/config.py):
+  attention/layer = h*H*d (q) + 2*h*KV*d (k, v) + H*d*h (o) + 2*d (q_norm, k_norm: qk_norm)
+                    + (H + 2*KV)*d (q, k, v biases: qkv_bias) + h (o bias: o_bias)
+  dense MLP/layer = 3*h*I (+ 2*I + h: mlp_bias)        MoE/layer = E*3*h*m (experts) + E*h (router)
   norms/layer = 2*h;  embedding = V*h;  lm_head = V*h unless tied;  final norm = h
   active per token: the same with k instead of E experts (router, embedding included).
 
@@ -16,9 +17,10 @@ Weights per rank (the stage's layers; the tp rank holding the most):
   q, o: H/t heads; k, v: max(KV/t, 1) heads (``shard.kv_heads_per_rank``) -- when t > KV
   each kv head is replicated on t/KV ranks (``shard.kv_replication``); dense MLP:
   ceil(I/t) columns; experts: l > 1: E/l whole experts; l = 1: all E, each with
-  ceil(m/t) columns; router, norms, q/k norms: replicated; embedding (stage 0) and
-  lm_head (last stage): vocab-parallel, ceil(V/t) rows; a tied lm_head costs a second
-  copy only when p > 1.
+  ceil(m/t) columns; q/k/v and gate/up biases: sliced with their rows (H/t, max(KV/t, 1)
+  heads, ceil(I/t)); o and down biases [h], router, norms, q/k norms: replicated;
+  embedding (stage 0) and lm_head (last stage): vocab-parallel, ceil(V/t) rows; a tied
+  lm_head costs a second copy only when p > 1.
 
 KV bytes of ``layers`` layers, ``kv_heads`` heads and ``tokens`` positions (``kv_bytes``,
 the one formula: the cache, the handoff, attention's read):
@@ -36,9 +38,9 @@ from ..parallel.shard import check_layout, kv_heads_per_rank, split, stage_layer
 
 @dataclass(frozen=True)
 class ParamCounts:
-    attention: int  # one layer: q, k, v, o + q_norm, k_norm
+    attention: int  # one layer: q, k, v, o (+ biases, q_norm, k_norm where present)
     layer_norms: int  # one layer: input + post-attention RMSNorm
-    dense_mlp: int  # one dense layer: gate, up, down
+    dense_mlp: int  # one dense layer: gate, up, down (+ their biases)
     expert: int  # one expert: gate, up, down
     router: int  # one MoE layer: gate [E, h]
     per_layer: tuple  # total of each layer
@@ -55,11 +57,13 @@ class ParamCounts:
 
 
 def param_counts(config) -> ParamCounts:
-    """Parameter counts of a Qwen3 / Qwen3-MoE config (formulas in the module docstring)."""
+    """Parameter counts of a config (formulas in the module docstring)."""
     c = config
     h, d = c.hidden_size, c.head_dim
-    attn = h * c.num_heads * d + 2 * h * c.num_kv_heads * d + c.num_heads * d * h + 2 * d
-    dense = 3 * h * c.intermediate_size
+    attn = (h * c.num_heads * d + 2 * h * c.num_kv_heads * d + c.num_heads * d * h
+            + 2 * d * c.qk_norm + (c.num_heads + 2 * c.num_kv_heads) * d * c.qkv_bias
+            + h * c.o_bias)
+    dense = 3 * h * c.intermediate_size + (2 * c.intermediate_size + h) * c.mlp_bias
     expert = 3 * h * c.moe_intermediate_size
     router = c.num_experts * h
     per_layer, experts, inactive = [], 0, 0
@@ -93,8 +97,9 @@ def rank_params(config, layout, stage: int) -> dict:
     out = dict(attention=0, norms=0, dense_mlp=0, router=0, experts=0, embedding=0,
                lm_head=0)
     for i in layers:
-        out["attention"] += 2 * h * hq * d + 2 * h * hkv * d
-        out["norms"] += 2 * h + 2 * d
+        out["attention"] += (2 * h * hq * d + 2 * h * hkv * d
+                             + (hq + 2 * hkv) * d * c.qkv_bias + h * c.o_bias)
+        out["norms"] += 2 * h + 2 * d * c.qk_norm
         if c.is_moe_layer(i):
             out["router"] += c.num_experts * h
             if layout.ep > 1:
@@ -102,7 +107,8 @@ def rank_params(config, layout, stage: int) -> dict:
             else:
                 out["experts"] += c.num_experts * 3 * h * _ceil(c.moe_intermediate_size, t)
         else:
-            out["dense_mlp"] += 3 * h * _ceil(c.intermediate_size, t)
+            inter = _ceil(c.intermediate_size, t)
+            out["dense_mlp"] += 3 * h * inter + (2 * inter + h) * c.mlp_bias
     rows = _ceil(c.vocab_size, t) * h
     if stage == 0:
         out["embedding"] = rows

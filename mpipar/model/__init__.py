@@ -3,7 +3,7 @@
   config      ModelConfig from a Hugging Face config.json (both key styles) or a preset
   checkpoint  tensor names/shapes; CheckpointReader (safetensors, sliced reads); writer
   init        RandomWeights (deterministic per tensor name); open_model()
-  layers      the math of one Qwen3 block (shared by the reference and the parallel code)
+  layers      the math of one decoder block, every family (reference and parallel code share it)
 """
 
 from .checkpoint import (

@@ -1,13 +1,16 @@
-"""Hugging Face Qwen3 checkpoints (safetensors): tensor names, sliced reads, a test writer.
+"""Hugging Face checkpoints (safetensors): tensor names, sliced reads, a test writer.
 
 Tensor names and shapes (linear weights are [out, in]; q = heads*head_dim, kv = kv_heads*head_dim):
   model.embed_tokens.weight                                 [vocab, hidden]
   model.layers.{i}.input_layernorm.weight                   [hidden]
   model.layers.{i}.self_attn.{q,k,v,o}_proj.weight          [q, hidden] [kv, hidden] x2 [hidden, q]
-  model.layers.{i}.self_attn.{q,k}_norm.weight              [head_dim]
+  model.layers.{i}.self_attn.{q,k}_norm.weight              [head_dim]   (qk_norm: Qwen3)
+  model.layers.{i}.self_attn.{q,k,v}_proj.bias              [q] [kv] [kv] (qkv_bias)
+  model.layers.{i}.self_attn.o_proj.bias                    [hidden]     (o_bias)
   model.layers.{i}.post_attention_layernorm.weight          [hidden]
   dense layer:  model.layers.{i}.mlp.{gate,up}_proj.weight  [inter, hidden]
                 model.layers.{i}.mlp.down_proj.weight     [hidden, inter]
+                model.layers.{i}.mlp.{gate,up,down}_proj.bias [inter] [inter] [hidden] (mlp_bias)
   MoE layer:    model.layers.{i}.mlp.gate.weight            [experts, hidden]   (router)
                 model.layers.{i}.mlp.experts.{e}.{gate,up}_proj.weight [moe_inter, hidden];
                 ...down_proj.weight [hidden, moe_inter]
@@ -67,10 +70,17 @@ def layer_shapes(config: ModelConfig, i: int) -> dict[str, tuple]:
          p + "self_attn.q_proj.weight": (c.q_size, h),
          p + "self_attn.k_proj.weight": (c.kv_size, h),
          p + "self_attn.v_proj.weight": (c.kv_size, h),
-         p + "self_attn.o_proj.weight": (h, c.q_size),
-         p + "self_attn.q_norm.weight": (c.head_dim,),
-         p + "self_attn.k_norm.weight": (c.head_dim,),
-         p + "post_attention_layernorm.weight": (h,)}
+         p + "self_attn.o_proj.weight": (h, c.q_size)}
+    if c.qkv_bias:
+        s.update({p + "self_attn.q_proj.bias": (c.q_size,),
+                  p + "self_attn.k_proj.bias": (c.kv_size,),
+                  p + "self_attn.v_proj.bias": (c.kv_size,)})
+    if c.o_bias:
+        s[p + "self_attn.o_proj.bias"] = (h,)
+    if c.qk_norm:
+        s.update({p + "self_attn.q_norm.weight": (c.head_dim,),
+                  p + "self_attn.k_norm.weight": (c.head_dim,)})
+    s[p + "post_attention_layernorm.weight"] = (h,)
     if c.is_moe_layer(i):
         m = c.moe_intermediate_size
         s[p + "mlp.gate.weight"] = (c.num_experts, h)
@@ -82,6 +92,9 @@ def layer_shapes(config: ModelConfig, i: int) -> dict[str, tuple]:
         m = c.intermediate_size
         s.update({p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h),
                   p + "mlp.down_proj.weight": (h, m)})
+        if c.mlp_bias:
+            s.update({p + "mlp.gate_proj.bias": (m,), p + "mlp.up_proj.bias": (m,),
+                      p + "mlp.down_proj.bias": (h,)})
     return s
 
 

@@ -1,4 +1,20 @@
-"""ModelConfig: the shape of a Qwen3 / Qwen3-MoE model, from a Hugging Face config or a preset.
+"""ModelConfig: the shape of a decoder (qwen3, qwen3_moe, llama, qwen2), from a Hugging Face
+config or a preset.
+
+One description for every family: the families differ only in switches, read here in
+``_parse`` and nowhere else (the layers take the switches, never the model_type):
+
+  model_type   qk_norm   qkv_bias             o_bias               mlp_bias
+  qwen3(_moe)  true      attention_bias       attention_bias       false
+  llama        false     attention_bias       attention_bias       mlp_bias
+  qwen2        false     true                 false                false
+
+(``attention_bias`` and ``mlp_bias`` are the config.json keys, default false.) Every
+family reads ``rope_scaling`` (None or a dict with ``rope_type`` and its parameters,
+from ``rope_parameters`` or the older ``rope_scaling`` key), which changes the
+rotary frequencies once, in ``layers.rope_inv_freq``: ``linear`` divides them by
+``factor`` (positions / factor); ``llama3`` divides the low frequencies by ``factor``,
+keeps the high ones and interpolates between (transformers' _compute_llama3_parameters).
 
 Two key styles of ``config.json`` are read (both name the same model):
 
@@ -15,9 +31,11 @@ num_experts_per_tok, moe_intermediate_size, norm_topk_prob, decoder_sparse_step,
 mlp_only_layers. Layer ``i`` is sparse (MoE) when ``i not in mlp_only_layers`` and
 ``(i+1) % decoder_sparse_step == 0``; otherwise it has a dense MLP of ``intermediate_size``.
 
-Parameter count (weights only, no biases; Qwen3 has none):
-  attention  = hidden*(heads + 2*kv)*head_dim + heads*head_dim*hidden + 2*head_dim
-  dense MLP  = 3*hidden*intermediate          MoE = experts*3*hidden*moe_inter + experts*hidden
+Parameter count (cost/memory.py param_counts; biases and q/k norms where the switches say):
+  attention  = hidden*(heads + 2*kv)*head_dim + heads*head_dim*hidden
+               + 2*head_dim (qk_norm) + (heads + 2*kv)*head_dim (qkv_bias) + hidden (o_bias)
+  dense MLP  = 3*hidden*intermediate (+ 2*intermediate + hidden with mlp_bias)
+  MoE        = experts*3*hidden*moe_inter + experts*hidden
   total      = vocab*hidden*(1 if tied else 2) + hidden + layers*(attention + mlp + 2*hidden)
 The presets' totals match the published sizes (0.6B: 0.60e9; 30B-A3B: 30.5e9, 3.3e9 active;
 235B-A22B: 235e9, 22e9 active); tests/test_config.py checks this.
@@ -40,7 +58,14 @@ class ConfigError(ValueError):
     """A config that cannot describe a supported model; the message names the field."""
 
 
-MODEL_TYPES = ("qwen3", "qwen3_moe")
+MODEL_TYPES = ("qwen3", "qwen3_moe", "llama", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+# rope_type -> the parameters it needs (besides rope_theta)
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")}
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = FLOAT_NAMES  # the one dtype table: comm/dtypes.py
 # ModelConfig field -> Hugging Face key (for messages and for writing config.json)
 HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
@@ -84,8 +109,27 @@ class ModelConfig:
     dtype: str = "float32"  # checkpoint dtype as declared (float32 | float16 | bfloat16)
     name: str = ""
     max_position_embeddings: int = 40960
+    # family switches (module docstring); Qwen3 defaults
+    qk_norm: bool = True  # RMSNorm of q and k per head before RoPE
+    qkv_bias: bool = False  # biases of q_proj, k_proj, v_proj
+    o_bias: bool = False  # bias of o_proj
+    mlp_bias: bool = False  # biases of gate_proj, up_proj, down_proj (dense MLP)
+    rope_scaling: tuple = ()  # () or sorted (key, value) pairs; see rope_scaling_dict
 
     def __post_init__(self):
+        rs = self.rope_scaling
+        if isinstance(rs, dict):
+            rs = tuple(sorted(rs.items()))
+        elif rs is None:
+            rs = ()
+        else:
+            try:
+                rs = tuple(sorted((str(k), v) for k, v in rs))
+            except (TypeError, ValueError):
+                raise _bad("rope_scaling", rs, "must be a dict of parameters") from None
+        if rs and dict(rs).get("rope_type", "default") == "default":
+            rs = ()
+        object.__setattr__(self, "rope_scaling", rs)
         try:
             if isinstance(self.mlp_only_layers, (str, bytes)):
                 raise TypeError
@@ -106,6 +150,11 @@ class ModelConfig:
         """Qwen3-MoE rule: sparse when not in mlp_only_layers and (layer+1) % step == 0."""
         return (self.is_moe and layer not in self.mlp_only_layers
                 and self.decoder_sparse_step > 0 and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        """None (plain RoPE) or {"rope_type": "linear" | "llama3", parameters...}."""
+        return dict(self.rope_scaling) or None
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -135,7 +184,22 @@ class ModelConfig:
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise _bad(f, v, "must be a positive number")
-        for f in ("tie_word_embeddings", "norm_topk_prob"):
+        if self.rope_scaling:
+            rs = dict(self.rope_scaling)
+            kind = rs.get("rope_type")
+            if kind not in ROPE_TYPES:
+                raise _bad("rope_scaling.rope_type", kind,
+                           f"not supported (supported: {', '.join(ROPE_TYPES)})")
+            for k in ROPE_KEYS[kind]:
+                v = rs.get(k)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                    raise _bad(f"rope_scaling.{k}", v, f"{kind} RoPE scaling needs a "
+                               "positive number")
+            if kind == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:
+                raise _bad("rope_scaling.high_freq_factor", rs["high_freq_factor"],
+                           f"must exceed low_freq_factor = {rs['low_freq_factor']}")
+        for f in ("tie_word_embeddings", "norm_topk_prob", "qk_norm", "qkv_bias", "o_bias",
+                  "mlp_bias"):
             if not isinstance(getattr(self, f), bool):
                 raise _bad(f, getattr(self, f), "must be true or false")
         if self.dtype not in DTYPES:
@@ -171,6 +235,7 @@ class ModelConfig:
         """Plain JSON-able dict of the fields (for reports); ModelConfig(**d) rebuilds it."""
         d = dataclasses.asdict(self)
         d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["rope_scaling"] = self.rope_scaling_dict
         return d
 
     @classmethod
@@ -180,9 +245,12 @@ class ModelConfig:
     def to_hf(self, style: str = "v4") -> dict:
         """A Hugging Face config.json dict; style "v4" (rope_theta, torch_dtype,
         num_experts) or "v5" (rope_parameters, dtype, num_local_experts)."""
-        arch = "Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"
-        d = {"architectures": [arch], "model_type": self.model_type,
-             "attention_bias": False, "hidden_act": "silu", "use_sliding_window": False}
+        d = {"architectures": [ARCHITECTURES[self.model_type]],
+             "model_type": self.model_type, "hidden_act": "silu", "use_sliding_window": False}
+        if self.model_type != "qwen2":  # qwen2: q, k, v biases always, none on o
+            d["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            d["mlp_bias"] = self.mlp_bias
         moe_only = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
                     "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
         for f, key in HF_KEYS.items():
@@ -192,10 +260,11 @@ class ModelConfig:
         if self.is_moe:
             d["mlp_only_layers"] = list(self.mlp_only_layers)
         if style == "v4":
-            d.update(rope_theta=self.rope_theta, rope_scaling=None, torch_dtype=self.dtype)
+            d.update(rope_theta=self.rope_theta, rope_scaling=self.rope_scaling_dict,
+                     torch_dtype=self.dtype)
         elif style == "v5":
-            d.update(rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
-                     dtype=self.dtype)
+            rope = self.rope_scaling_dict or {"rope_type": "default"}
+            d.update(rope_parameters={"rope_theta": self.rope_theta, **rope}, dtype=self.dtype)
             if self.is_moe:
                 d["num_local_experts"] = d.pop("num_experts")
         else:
@@ -223,19 +292,30 @@ def _read_json(path: str) -> dict:
     return d
 
 
-def _rope_theta(d: dict):
-    """rope_theta from either style; refuses rope variants (yarn, ...) the math lacks."""
+def _rope(d: dict):
+    """(rope_theta, rope_scaling dict or None) from either key style: transformers 5's
+    ``rope_parameters`` {rope_theta, rope_type, ...} or the older top-level ``rope_theta``
+    + ``rope_scaling`` {type | rope_type, ...}. Variants the math lacks (yarn, ...) are
+    refused."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
+    found = None
     for key, p in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = p.get("rope_type", p.get("type", "default")) if isinstance(p, dict) else p
-        if kind not in ("default", None):
-            raise _bad(f"{key}.rope_type", kind, "only plain RoPE ('default') is supported")
+        if not isinstance(p, dict):
+            raise _bad(key, p, "must be an object")
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise _bad(f"{key}.rope_type", kind,
+                       f"not supported (supported: {', '.join(ROPE_TYPES)})")
+        if kind != "default" and found is None:
+            found = {"rope_type": kind, **{k: p.get(k) for k in ROPE_KEYS[kind]}}
     if "rope_theta" in d:
-        return d["rope_theta"]
-    if isinstance(params, dict) and "rope_theta" in params:
-        return params["rope_theta"]
-    return 10000.0  # transformers' Qwen3Config default
+        theta = d["rope_theta"]
+    elif "rope_theta" in params:
+        theta = params["rope_theta"]
+    else:
+        theta = 10000.0  # transformers' default (Qwen3Config, LlamaConfig, Qwen2Config)
+    return theta, found
 
 
 def _hf_get(d: dict, key: str, *alts, required=False, default=None):
@@ -272,9 +352,11 @@ def _parse(d: dict, name: str) -> ModelConfig:
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
         raise _bad("model_type", mt, f"not supported (supported: {', '.join(MODEL_TYPES)})")
-    for key, ok in (("attention_bias", False), ("use_sliding_window", False)):
-        if d.get(key, ok) not in (ok, None):
-            raise _bad(key, d[key], f"only {str(ok).lower()} is supported")
+    if d.get("use_sliding_window", False) not in (False, None):
+        raise _bad("use_sliding_window", d["use_sliding_window"], "only false is supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if not isinstance(d.get(key, False), bool) and d.get(key) is not None:
+            raise _bad(key, d[key], "must be true or false")
     if d.get("hidden_act", "silu") != "silu":
         raise _bad("hidden_act", d["hidden_act"], "only silu is supported")
     if d.get("quantization_config"):
@@ -283,6 +365,15 @@ def _parse(d: dict, name: str) -> ModelConfig:
     kinds = set(d.get("layer_types") or ()) - {"full_attention"}
     if kinds:
         raise _bad("layer_types", sorted(kinds), "only full_attention is supported")
+    # the family switches, here and nowhere else (module docstring's table)
+    attention_bias = bool(d.get("attention_bias") or False)
+    switches = {
+        "qwen3": dict(qk_norm=True, qkv_bias=attention_bias, o_bias=attention_bias),
+        "llama": dict(qk_norm=False, qkv_bias=attention_bias, o_bias=attention_bias,
+                      mlp_bias=bool(d.get("mlp_bias") or False)),
+        "qwen2": dict(qk_norm=False, qkv_bias=True, o_bias=False),
+    }["qwen3" if mt == "qwen3_moe" else mt]
+    theta, scaling = _rope(d)
     req = dict(required=True)
     hidden = _hf_get(d, "hidden_size", **req)
     heads = _hf_get(d, "num_attention_heads", **req)
@@ -291,11 +382,11 @@ def _parse(d: dict, name: str) -> ModelConfig:
         num_layers=_hf_get(d, "num_hidden_layers", **req), num_heads=heads,
         num_kv_heads=_hf_get(d, "num_key_value_heads", default=heads),
         rms_norm_eps=_hf_get(d, "rms_norm_eps", default=1e-6),
-        rope_theta=_rope_theta(d),
+        rope_theta=theta, rope_scaling=scaling,
         tie_word_embeddings=_hf_get(d, "tie_word_embeddings", default=False),
         model_type=mt, dtype=_hf_get(d, "torch_dtype", "dtype", default="float32"),
         max_position_embeddings=_hf_get(d, "max_position_embeddings", default=40960),
-        name=name)
+        name=name, **switches)
     hd = d.get("head_dim")
     if hd is None:
         if not (isinstance(hidden, int) and isinstance(heads, int) and heads > 0

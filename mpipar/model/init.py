@@ -11,11 +11,12 @@ embedding draws about 1/tp of it. Slices of later dimensions draw the row range 
 Scale: linear and embedding matrices [out, in] are N(0, 1/in) (fan-in scaling; 0.02 at
 in = 2500 like the usual initializer_range, but wider at small test widths so that
 activations stay O(1) at every width); norm weights (input/post-attention/final norm,
-q_norm, k_norm) are 1 + 0.1*N(0, 1), so an implementation that drops a norm weight
-gives different numbers. With pre-norm blocks each sublayer adds an O(1) term to the
-residual stream (its rms grows like sqrt(layers), no blow-up), the router's logits are
-O(1) (tokens spread over experts), and the logits are O(1): on builtin-moe the top-1 /
-top-2 margin of greedy decoding is far above float32 noise (see tests/test_checkpoint.py).
+q_norm, k_norm) are 1 + 0.1*N(0, 1) and biases 0.1*N(0, 1), so an implementation that
+drops a norm weight or a bias gives different numbers. With pre-norm blocks each sublayer
+adds an O(1) term to the residual stream (its rms grows like sqrt(layers), no blow-up),
+the router's logits are O(1) (tokens spread over experts), and the logits are O(1): on
+builtin-moe the top-1 / top-2 margin of greedy decoding is far above float32 noise (see
+tests/test_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class RandomWeights(WeightSource):
         """Block b ([rows, *shape[1:]] float32) of tensor ``name``."""
         ss = np.random.SeedSequence([self.seed, zlib.crc32(name.encode()), b])
         z = np.random.default_rng(ss).standard_normal((rows, *shape[1:]), dtype=np.float32)
+        if name.endswith(".bias"):
+            return np.float32(NORM_STD) * z
         if len(shape) == 1:  # a norm weight
             return 1.0 + np.float32(NORM_STD) * z
         return z * np.float32(1.0 / np.sqrt(shape[-1]))

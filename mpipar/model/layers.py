@@ -1,13 +1,17 @@
-"""The math of one Qwen3 block, written once against an array module ``xp``.
+"""The math of one decoder block (Qwen3, Llama, Qwen2), written once against an array module
+``xp``.
 
 The single-process reference and the parallel engine both call these functions; the
 parallel versions differ only in which slice of the weights they hold (fewer heads,
 a slice of the intermediate dimension, some experts) and which collective follows.
 
-Conventions (Qwen3, as transformers computes it):
+Conventions (as transformers computes them):
 - RMSNorm: ``w * x / sqrt(mean(x^2) + eps)``, in float32.
-- q_norm / k_norm: RMSNorm over head_dim, per head, after the projections, BEFORE RoPE.
-- RoPE "rotate half": dimension i pairs with i + head_dim/2, inv_freq = theta^(-2i/d).
+- Linear: ``x @ W.T + b``; a bias that is None (the family has none) is skipped.
+- q_norm / k_norm (Qwen3): RMSNorm over head_dim, per head, after the projections,
+  BEFORE RoPE; skipped when None (Llama, Qwen2).
+- RoPE "rotate half": dimension i pairs with i + head_dim/2, inv_freq = theta^(-2i/d),
+  scaled by ``rope_scaling`` where the config has one (``rope_inv_freq``).
 - GQA: query head h reads kv head ``h // (n_heads / n_kv_heads)``.
 - MLP: ``down(silu(gate(x)) * up(x))``; linear weights are [out, in] (x @ W.T).
 - MoE router: softmax over all experts, top-k, optionally renormalised to sum to 1.
@@ -92,10 +96,45 @@ def softmax(xp, x, axis=-1):
     return e / xp.sum(e, axis=axis, keepdims=True)
 
 
-def rope_cos_sin(xp, positions, head_dim, theta):
-    """positions [T] int -> cos, sin [T, head_dim] (rotate-half layout, halves repeated)."""
+def linear(xp, x, w, b=None):
+    """x [N, in] @ w [out, in].T (+ b [out]) in the compute dtype."""
+    y = matmul(xp, x, w.T)
+    if b is not None:
+        y += b
+    return y
+
+
+def rope_inv_freq(xp, head_dim, theta, scaling=None):
+    """The rotary frequencies [head_dim/2] (float64): theta^(-2i/d), then scaled.
+
+    ``scaling`` None: plain RoPE. ``{"rope_type": "linear", "factor": f}``: every
+    frequency / f (position p rotates as p/f). ``{"rope_type": "llama3", "factor": f,
+    "low_freq_factor": lo, "high_freq_factor": hi, "original_max_position_embeddings": n}``
+    (transformers' _compute_llama3_parameters): with wavelength w = 2*pi/freq, w < n/hi
+    keeps freq, w > n/lo takes freq/f, and between them
+    s = (n/w - lo)/(hi - lo) blends: (1 - s)*freq/f + s*freq."""
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (xp.arange(0, half, dtype=xp.float64) * 2.0 / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        n = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        scaled = xp.where(wavelen > n / lo, inv_freq / f, inv_freq)
+        smooth = (n / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= n / hi) & (wavelen <= n / lo)
+        return xp.where(medium, blended, scaled)
+    if kind != "default":
+        raise ValueError(f"rope_type {kind!r} is not supported")
+    return inv_freq
+
+
+def rope_cos_sin(xp, positions, head_dim, theta, scaling=None):
+    """positions [T] int -> cos, sin [T, head_dim] (rotate-half layout, halves repeated)."""
+    inv_freq = rope_inv_freq(xp, head_dim, theta, scaling)
     ang = xp.asarray(positions, dtype=xp.float64)[:, None] * inv_freq[None, :]  # [T, half]
     ang = xp.concatenate([ang, ang], axis=-1)
     return xp.cos(ang).astype(xp.float32), xp.sin(ang).astype(xp.float32)
@@ -109,13 +148,16 @@ def apply_rope(xp, x, cos, sin):
     return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype, copy=False)
 
 
-def swiglu(xp, x, w_gate, w_up, w_down):
+def swiglu(xp, x, w_gate, w_up, w_down, biases=None):
     """x [N, h]; w_gate, w_up [I, h]; w_down [h, I] -> [N, h] (partial sum if I is a slice).
-    silu(gate) * up in float32, rounded once to x's dtype."""
-    gate = matmul(xp, x, w_gate.T).astype(FLOAT32, copy=False)  # [N, I]
+    silu(gate) * up in float32, rounded once to x's dtype. ``biases``: None or
+    (b_gate [I], b_up [I], b_down [h] or None) -- a row-parallel caller passes None for
+    b_down and adds it once after its all-reduce."""
+    bg, bu, bd = biases or (None, None, None)
+    gate = linear(xp, x, w_gate, bg).astype(FLOAT32, copy=False)  # [N, I]
     act = silu(xp, gate)
-    act *= matmul(xp, x, w_up.T)
-    return matmul(xp, act.astype(x.dtype, copy=False), w_down.T)
+    act *= linear(xp, x, w_up, bu)
+    return linear(xp, act.astype(x.dtype, copy=False), w_down, bd)
 
 
 def router_topk(xp, x, w_router, top_k, norm_topk_prob):
@@ -203,11 +245,16 @@ class AttentionWeights:
     k: object  # [Hkv_l*D, h]
     v: object  # [Hkv_l*D, h]
     o: object  # [h, Hq_l*D]
-    q_norm: object  # [D]
-    k_norm: object  # [D]
+    q_norm: object = None  # [D], or None: no q/k norm (Llama, Qwen2)
+    k_norm: object = None  # [D]
+    q_bias: object = None  # [Hq_l*D], or None: no bias
+    k_bias: object = None  # [Hkv_l*D]
+    v_bias: object = None  # [Hkv_l*D]
+    o_bias: object = None  # [h]; None on a TP rank, which adds it after the all-reduce
 
 
-def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta):
+def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta,
+              rope_scaling=None):
     """Self-attention of packed tokens; returns o_proj output [N, h] (partial if sliced).
 
     x [N, h] (already normed); caches: one per sequence, anything with ``length`` and
@@ -218,20 +265,22 @@ def attention(xp, x, w: AttentionWeights, caches, segments, head_dim, eps, theta
     n = x.shape[0]
     d = head_dim
     hq, hkv = w.q.shape[0] // d, w.k.shape[0] // d
-    q = matmul(xp, x, w.q.T).reshape(n, hq, d)
-    k = matmul(xp, x, w.k.T).reshape(n, hkv, d)
-    v = matmul(xp, x, w.v.T).reshape(n, hkv, d)
-    q = rms_norm(xp, q, w.q_norm, eps)
-    k = rms_norm(xp, k, w.k_norm, eps)
+    q = linear(xp, x, w.q, w.q_bias).reshape(n, hq, d)
+    k = linear(xp, x, w.k, w.k_bias).reshape(n, hkv, d)
+    v = linear(xp, x, w.v, w.v_bias).reshape(n, hkv, d)
+    if w.q_norm is not None:
+        q = rms_norm(xp, q, w.q_norm, eps)
+    if w.k_norm is not None:
+        k = rms_norm(xp, k, w.k_norm, eps)
     out = xp.empty_like(q)
     for seq, start, rows in segments:
         cache = caches[seq]
         pos = xp.arange(cache.length, cache.length + rows)
-        cos, sin = rope_cos_sin(xp, pos, d, theta)
+        cos, sin = rope_cos_sin(xp, pos, d, theta, rope_scaling)
         sl = slice(start, start + rows)
         kk, vv = cache.append(apply_rope(xp, k[sl], cos, sin), v[sl])
         out[sl] = causal_gqa_attention(xp, apply_rope(xp, q[sl], cos, sin), kk, vv)
-    return matmul(xp, out.reshape(n, hq * d), w.o.T)
+    return linear(xp, out.reshape(n, hq * d), w.o, w.o_bias)
 
 
 def count_per_expert(xp, sorted_experts, num_experts: int):

@@ -1,4 +1,4 @@
-"""The single-process Qwen3 / Qwen3-MoE forward: the oracle of every parallel run.
+"""The single-process forward (qwen3, qwen3_moe, llama, qwen2): the oracle of every parallel run.
 
 It holds every weight whole and calls the math of ``layers.py`` directly, with no
 sharding and no communication. Every parallel result (tokens, logits) is checked
@@ -34,6 +34,9 @@ class ReferenceModel:
         def read(name):
             return L.linear_weight(xp, source.read(name, dtype=dt))
 
+        def maybe(name, present):
+            return read(name) if present else None
+
         self.embed = xp.asarray(source.read("model.embed_tokens.weight", dtype=dt))  # [V, h]
         self.final_norm = read("model.norm.weight")
         self.lm_head = read("lm_head.weight")  # [V, h] (embed when tied)
@@ -47,7 +50,12 @@ class ReferenceModel:
                 "attn": L.AttentionWeights(
                     read(a + "q_proj.weight"), read(a + "k_proj.weight"),
                     read(a + "v_proj.weight"), read(a + "o_proj.weight"),
-                    read(a + "q_norm.weight"), read(a + "k_norm.weight")),
+                    q_norm=maybe(a + "q_norm.weight", cfg.qk_norm),
+                    k_norm=maybe(a + "k_norm.weight", cfg.qk_norm),
+                    q_bias=maybe(a + "q_proj.bias", cfg.qkv_bias),
+                    k_bias=maybe(a + "k_proj.bias", cfg.qkv_bias),
+                    v_bias=maybe(a + "v_proj.bias", cfg.qkv_bias),
+                    o_bias=maybe(a + "o_proj.bias", cfg.o_bias)),
             }
             if cfg.is_moe_layer(i):
                 layer["router"] = read(p + "mlp.gate.weight")
@@ -58,6 +66,9 @@ class ReferenceModel:
             else:
                 layer["mlp"] = tuple(read(f"{p}mlp.{n}_proj.weight")
                                      for n in ("gate", "up", "down"))
+                layer["mlp_bias"] = tuple(read(f"{p}mlp.{n}_proj.bias")
+                                          for n in ("gate", "up", "down")) \
+                    if cfg.mlp_bias else None
             self.layers.append(layer)
 
     def new_caches(self, n_seqs: int, capacity: int):
@@ -69,7 +80,7 @@ class ReferenceModel:
     def mlp(self, i, x):
         layer, c, xp = self.layers[i], self.config, self.xp
         if "mlp" in layer:
-            return L.swiglu(xp, x, *layer["mlp"])
+            return L.swiglu(xp, x, *layer["mlp"], layer["mlp_bias"])
         experts, weights = L.router_topk(xp, x, layer["router"], c.num_experts_per_tok,
                                          c.norm_topk_prob)
         return L.experts_forward(xp, x, experts, weights, layer["experts"])
@@ -89,7 +100,7 @@ class ReferenceModel:
         layer, c, xp = self.layers[i], self.config, self.xp
         h = L.rms_norm(xp, x, layer["norm1"], c.rms_norm_eps)
         x = x + L.attention(xp, h, layer["attn"], caches, segments, c.head_dim,
-                            c.rms_norm_eps, c.rope_theta)
+                            c.rms_norm_eps, c.rope_theta, c.rope_scaling_dict)
         return x + self.mlp(i, L.rms_norm(xp, x, layer["norm2"], c.rms_norm_eps))
 
     def logits(self, hidden):

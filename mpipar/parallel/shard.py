@@ -51,14 +51,41 @@ class RankShard:
     last_stage: bool
 
 
-def check_layout(config, layout: Layout) -> None:
-    """Refuse layouts that cannot split this model (one clear message)."""
-    c, tp = config, layout.tp
+MAX_TP_LISTED = 64  # the TP sizes a refusal lists go up to here
+
+
+def tp_fits(config, tp: int) -> bool:
+    """Whether ``tp`` can split the attention: it divides the query heads, and it divides
+    the kv heads (split) or they divide it (replicated). The MLP's intermediate
+    dimension (dense and experts) and the vocab split unevenly (``split``): any tp."""
+    return (tp >= 1 and config.num_heads % tp == 0
+            and (config.num_kv_heads % tp == 0 or tp % config.num_kv_heads == 0))
+
+
+def valid_tp_sizes(config, limit: int = MAX_TP_LISTED) -> list[int]:
+    """Every tp in 1..limit that ``tp_fits`` the model."""
+    return [t for t in range(1, limit + 1) if tp_fits(config, t)]
+
+
+def _tp_refusal(config, tp: int) -> str:
+    c, sizes = config, valid_tp_sizes(config)
+    names = [f"tp={t}" for t in sizes]
+    would = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     if c.num_heads % tp:
-        raise LayoutError(f"tp={tp} does not divide the {c.num_heads} attention heads")
-    if c.num_kv_heads % tp and tp % c.num_kv_heads:
-        raise LayoutError(f"tp={tp} and the {c.num_kv_heads} kv heads: neither divides "
-                          "the other, so kv heads can be neither split nor replicated")
+        why = f"tp={tp} does not divide the {c.num_heads} attention heads"
+    else:
+        why = (f"tp={tp} and the {c.num_kv_heads} kv heads: neither divides the other, so "
+               "kv heads can be neither split nor replicated")
+    return (f"{why}; tp must divide the {c.num_heads} attention heads and divide or be a "
+            f"multiple of the {c.num_kv_heads} kv heads: {would} would")
+
+
+def check_layout(config, layout: Layout) -> None:
+    """Refuse layouts that cannot split this model (one clear message; a tp that does not
+    fit lists the tp sizes up to MAX_TP_LISTED that do)."""
+    c, tp = config, layout.tp
+    if not tp_fits(c, tp):
+        raise LayoutError(_tp_refusal(c, tp))
     stage_layers(c.num_layers, layout.pp)
     if layout.ep > 1:
         if not c.is_moe:

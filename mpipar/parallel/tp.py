@@ -6,6 +6,18 @@ What is split (rank t holds):
     gate_proj, up_proj       rows of its intermediate   [I_l, h]                   column-parallel
     down_proj                columns of it              [h, I_l]                   row-parallel
     norms, router            whole (replicated)
+    biases                   sliced with their weight's output rows: q/k/v biases like
+                             q/k/v rows (a replicated kv head's k/v bias is replicated
+                             with it), gate/up biases like gate/up rows; the o_proj and
+                             down_proj biases [h] whole on every rank
+
+Biases of the row-parallel o_proj and down_proj are added ONCE, after the all-reduce,
+on every rank: each rank's partial sum leaves ``layers.attention`` / ``layers.swiglu``
+without it (they skip a bias that is None), the all-reduce makes the sum whole and
+identical on every rank, and every rank adds the same bias to it. Added before the
+all-reduce it would be counted T times; added on one rank only it would make ranks'
+code differ for nothing. Every rank keeping its replica of the residual stream
+identical is what the next layer's column-parallel input needs.
 
 What moves: the row-parallel o_proj and down_proj each leave a partial sum [N, h] on
 every rank; one all-reduce each makes it whole. Two all-reduces per block, each of
@@ -45,6 +57,11 @@ def allreduce(tp, x, kind=None):
     return ring_allreduce(tp, x, kind=kind)
 
 
+def add_bias(x, b):
+    """x + b once the row-parallel sum is whole (b None: no bias)."""
+    return x if b is None else x + b
+
+
 class TPBlock:
     """One decoder layer, holding this rank's slice (see RankShard)."""
 
@@ -58,17 +75,26 @@ class TPBlock:
         def read(name, index=None):
             return L.linear_weight(xp, source.read(p + name, index, dtype=dtype))
 
+        def maybe(name, present, index=None):
+            return read(name, index) if present else None
+
         all_cols = slice(None)
         q = slice(shard.q_heads.start * d, shard.q_heads.stop * d)
         kv = slice(shard.kv_heads.start * d, shard.kv_heads.stop * d)
         self.norm1 = read("input_layernorm.weight")
         self.norm2 = read("post_attention_layernorm.weight")
+        a = "self_attn."
         self.attn = L.AttentionWeights(
-            read("self_attn.q_proj.weight", (q, all_cols)),
-            read("self_attn.k_proj.weight", (kv, all_cols)),
-            read("self_attn.v_proj.weight", (kv, all_cols)),
-            read("self_attn.o_proj.weight", (all_cols, q)),
-            read("self_attn.q_norm.weight"), read("self_attn.k_norm.weight"))
+            read(a + "q_proj.weight", (q, all_cols)),
+            read(a + "k_proj.weight", (kv, all_cols)),
+            read(a + "v_proj.weight", (kv, all_cols)),
+            read(a + "o_proj.weight", (all_cols, q)),
+            q_norm=maybe(a + "q_norm.weight", config.qk_norm),
+            k_norm=maybe(a + "k_norm.weight", config.qk_norm),
+            q_bias=maybe(a + "q_proj.bias", config.qkv_bias, q),
+            k_bias=maybe(a + "k_proj.bias", config.qkv_bias, kv),
+            v_bias=maybe(a + "v_proj.bias", config.qkv_bias, kv))  # o_bias: after all-reduce
+        self.o_bias = maybe(a + "o_proj.bias", config.o_bias)
         self.moe = MoE(source, config, shard, layer, comms, xp, slot_expert, dtype) \
             if config.is_moe_layer(layer) else None
         if self.moe is None:
@@ -76,6 +102,9 @@ class TPBlock:
             self.mlp = (read("mlp.gate_proj.weight", (i, all_cols)),
                         read("mlp.up_proj.weight", (i, all_cols)),
                         read("mlp.down_proj.weight", (all_cols, i)))
+            self.mlp_bias = (read("mlp.gate_proj.bias", i), read("mlp.up_proj.bias", i),
+                             None) if config.mlp_bias else None  # down: after all-reduce
+            self.down_bias = maybe("mlp.down_proj.bias", config.mlp_bias)
 
     def new_cache(self, capacity: int):
         return L.KVCache(self.xp, capacity, len(self.shard.kv_heads), self.config.head_dim,
@@ -88,12 +117,13 @@ class TPBlock:
         with ledger.span("attention"):
             h = L.rms_norm(xp, x, self.norm1, c.rms_norm_eps)
             a = L.attention(xp, h, self.attn, caches, segments, c.head_dim, c.rms_norm_eps,
-                            c.rope_theta)  # [N, h] partial over heads
-        x = x + allreduce(tp, a)
+                            c.rope_theta, c.rope_scaling_dict)  # [N, h] partial over heads
+        x = x + add_bias(allreduce(tp, a), self.o_bias)
         with ledger.span("mlp"):
             h = L.rms_norm(xp, x, self.norm2, c.rms_norm_eps)
             if self.moe is None:
-                return x + allreduce(tp, L.swiglu(xp, h, *self.mlp))
+                y = allreduce(tp, L.swiglu(xp, h, *self.mlp, self.mlp_bias))
+                return x + add_bias(y, self.down_bias)
             return x + self.moe.forward(h, stats)
 
 

@@ -21,7 +21,8 @@ from .options import EngineOptions
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="serve.py", description=(
-        "OpenAI-compatible server of a Qwen3 / Qwen3-MoE model split over MPI ranks."))
+        "OpenAI-compatible server of a Qwen3 / Qwen3-MoE / Llama / Qwen2 model split over "
+        "MPI ranks."))
     m = p.add_argument_group("model")
     m.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
     m.add_argument("--model", help="Hugging Face folder (config.json + safetensors)")
