@@ -401,11 +401,14 @@ def gguf_name(name: str) -> tuple[str, int | None]:
 
 
 def write_gguf(path: str, source: WeightSource, qtype: str = "F32", arch: str | None = None,
-               tokens=None, merges=None, token_types=None, meta: dict | None = None) -> None:
+               tokens=None, merges=None, token_types=None, meta: dict | None = None,
+               raw: dict | None = None) -> None:
     """Write ``source``'s tensors as a GGUF file the way llama.cpp's converter does: 2-D and
     3-D weights as ``qtype`` (quantized by gguf.quants), 1-D tensors (norms, biases) F32,
     experts stacked [E, out, in], q/k rows permuted for PERMUTED_QK architectures, config
-    metadata under ``arch`` (default: from model_type), an optional gpt2 tokenizer."""
+    metadata under ``arch`` (default: from model_type), an optional gpt2 tokenizer.
+    ``raw``: HF name -> (uint8 block bytes [rows, row_bytes], ggml type name) written as
+    they are (a type gguf.quants cannot quantize: K-quants)."""
     import gguf
     c = source.config
     arch = arch or {v: k for k, v in ARCHITECTURES.items()}[c.model_type]
@@ -436,6 +439,10 @@ def write_gguf(path: str, source: WeightSource, qtype: str = "F32", arch: str | 
     stacked: dict[str, list] = {}
     for name in source.names():
         g, e = gguf_name(name)
+        if raw and name in raw:
+            data, kind = raw[name]
+            w.add_tensor(g, data, raw_dtype=gguf.GGMLQuantizationType[kind])
+            continue
         a = source.read(name, dtype="float32")
         heads = {"q_proj": c.num_heads, "k_proj": c.num_kv_heads}.get(name.split(".")[-2])
         if arch in PERMUTED_QK and heads and "self_attn" in name:
