@@ -324,6 +324,8 @@ def test_smollm2_metadata_tokenizer_and_tensors():
     assert (meta["bos_token"], meta["eos_token"], meta["add_bos"]) == (
         "<|im_start|>", "<|im_end|>", False)
     assert tok.encode("<|im_start|>user\n").ids == [1, 4093, 198]
+    digits = tok.encode(" 2024").ids  # tokenizer.ggml.pre = smollm: every digit alone
+    assert [tok.id_to_token(i) for i in digits] == ["Ġ", "2", "0", "2", "4"], digits
     # tensors through the reader (llama's config lands on another branch: given here)
     from mpipar.model.config import load_config
     cfg = load_config({**d, "model_type": "qwen3"})
