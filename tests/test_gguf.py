@@ -100,6 +100,22 @@ def test_quantized_reads_equal_ggml_dequantize_and_slices(fixtures_dir, tmp_path
     assert float(np.abs(g.read("lm_head.weight") - src.read("lm_head.weight")).max()) < 0.5
 
 
+@pytest.mark.parametrize("fixture,arch", [("qwen3-tiny", "QWEN3"), ("qwen3-moe-tiny", "QWEN3MOE")])
+def test_names_are_llama_cpps(fixtures_dir, fixture, arch):
+    """Our HF <-> GGUF names equal the gguf package's own table (TensorNameMap, the one
+    convert_hf_to_gguf.py uses), so a reader/writer pair that agree on a wrong name fails."""
+    from mpipar.model.gguf import gguf_name
+    src = _tiny(fixtures_dir, fixture)
+    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), src.config.num_layers)
+    names = src.names()
+    extra = [n.replace("_proj.weight", "_proj.bias") for n in names
+             if re.search(r"self_attn\.[qkv]_proj\.weight$", n)]  # qwen2's biases
+    for name in names + extra:
+        hf = re.sub(r"\.experts\.\d+\.", ".experts.", name)  # stacked [E, out, in]
+        want = table.get_name(hf, try_suffixes=(".weight", ".bias"))
+        assert gguf_name(name)[0] == want, name
+
+
 def _k_quant_bytes(rng, rows, cols, kind):
     """Random blocks of ``kind`` with finite f16 scales (d, dmin)."""
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
