@@ -22,13 +22,9 @@ from gguf.quants import dequantize  # noqa: E402
 from mpipar.model import CheckpointReader, open_model  # noqa: E402
 from mpipar.model.checkpoint import CheckpointError  # noqa: E402
 from mpipar.model.config import ModelConfig  # noqa: E402
-from mpipar.model.gguf import (  # noqa: E402
-    GGUFSource,
-    build_tokenizer,
-    permute_rows,
-    tokenizer_meta,
-    write_gguf,
-)
+from mpipar.model.gguf import GGUFSource, permute_rows  # noqa: E402
+from mpipar.model.gguf_tokenizer import build_tokenizer, tokenizer_meta  # noqa: E402
+from mpipar.model.gguf_writer import gguf_name, write_gguf  # noqa: E402
 from mpipar.model.init import RandomWeights  # noqa: E402
 from mpipar.model.reference import ReferenceModel, generate  # noqa: E402
 
@@ -77,7 +73,6 @@ def test_quantized_reads_equal_ggml_dequantize_and_slices(fixtures_dir, tmp_path
     write_gguf(path, src, qtype)
     g = GGUFSource(path)
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    from mpipar.model.gguf import gguf_name
     for name in g.names():
         gname, e = gguf_name(name)
         t = tensors[gname]
@@ -104,7 +99,6 @@ def test_quantized_reads_equal_ggml_dequantize_and_slices(fixtures_dir, tmp_path
 def test_names_are_llama_cpps(fixtures_dir, fixture, arch):
     """Our HF <-> GGUF names equal the gguf package's own table (TensorNameMap, the one
     convert_hf_to_gguf.py uses), so a reader/writer pair that agree on a wrong name fails."""
-    from mpipar.model.gguf import gguf_name
     src = _tiny(fixtures_dir, fixture)
     table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), src.config.num_layers)
     names = src.names()
@@ -193,6 +187,7 @@ def _byte_vocab():
 def test_tokenizer_and_chat_template_from_metadata(fixtures_dir, tmp_path):
     from mpipar.model.tokenizer import load_tokenizer
     from mpipar.serve.chat import load_chat_template
+    from mpipar.serve.options import eos_token_ids
     tokens, merges, types = _byte_vocab()
     tpl = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
     folder = tmp_path / "model"
@@ -212,7 +207,7 @@ def test_tokenizer_and_chat_template_from_metadata(fixtures_dir, tmp_path):
         assert tok.encode("x<|im_end|>")[-1] == 0xFF
         chat = load_chat_template(where)
         assert chat.render([{"role": "user", "content": "hi"}]) == "<user>hi<|im_end|>"
-        assert open_model(where).eos_token_ids == [0xFF]
+        assert eos_token_ids(open_model(where)) == [0xFF]  # what the server stops on
     assert tokenizer_meta(path)["add_bos"] is False
 
 
@@ -322,8 +317,8 @@ def _reference_bpe(text, tokens, merges):
 @pytest.mark.skipif(not os.path.isfile(SMOL), reason=f"SmolLM2 GGUF not on this machine "
                     f"({SMOL}; set MPIPAR_SMOLLM2_GGUF)")
 def test_smollm2_metadata_tokenizer_and_tensors():
-    from mpipar.model.gguf import _open, _value, hf_config_dict
-    r = _open(SMOL)
+    from mpipar.model.gguf import hf_config_dict, metadata, open_gguf
+    r = open_gguf(SMOL)
     d = hf_config_dict(r, SMOL, {t.name: tuple(t.shape) for t in r.tensors})
     assert d == {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
                  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -333,7 +328,7 @@ def test_smollm2_metadata_tokenizer_and_tensors():
     tok = build_tokenizer(SMOL)
     q = "What is the capital of France?"
     ids = tok.encode(q).ids
-    tokens, merges = _value(r, "tokenizer.ggml.tokens"), _value(r, "tokenizer.ggml.merges")
+    tokens, merges = metadata(r, "tokenizer.ggml.tokens"), metadata(r, "tokenizer.ggml.merges")
     assert ids == _reference_bpe(q, tokens, merges) == [1780, 314, 260, 3575, 282, 4649, 47]
     assert tok.decode(tok.encode(TEXT).ids) == TEXT
     meta = tokenizer_meta(SMOL)

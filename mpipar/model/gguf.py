@@ -41,6 +41,9 @@ cut afterwards, so a rank holding 1/tp of o_proj / down_proj dequantizes the who
 share. A permuted q/k slice is widened to whole heads. Reads are lazy, one tensor (slice)
 at a time: the whole model is never held dequantized. Dequantized float32 weights take
 4-8x the file's bytes of a 4/8-bit type.
+
+The tokenizer and chat template of the metadata: gguf_tokenizer.py; a writer (tests,
+fixtures): gguf_writer.py.
 """
 
 from __future__ import annotations
@@ -66,15 +69,16 @@ ARCHITECTURES = {"qwen3": "qwen3", "qwen3moe": "qwen3_moe", "llama": "llama", "q
 PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-_TOP = {"token_embd.weight": EMBED, "output_norm.weight": "model.norm.weight",
+TOP_NAMES = {"token_embd.weight": EMBED, "output_norm.weight": "model.norm.weight",
         "output.weight": LM_HEAD}
-_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
           "ffn_gate_inp": "mlp.gate"}
-_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                "ffn_down_exps": "down_proj"}
 _BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -93,7 +97,7 @@ def gguf_path(model: str) -> str | None:
     return os.path.join(path, found[0]) if found else None
 
 
-def _open(path: str):
+def open_gguf(path: str):
     try:
         import gguf
     except ImportError:
@@ -108,7 +112,7 @@ def _open(path: str):
                               f"{type(e).__name__}: {e}") from None
 
 
-def _value(reader, key: str, default=None):
+def metadata(reader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
         return default
@@ -132,13 +136,13 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def hf_config_dict(reader, path: str, tensor_names) -> dict:
     """The GGUF metadata as a Hugging Face config.json dict (older key style)."""
-    arch = _value(reader, "general.architecture")
+    arch = metadata(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported "
                               f"(supported: {', '.join(ARCHITECTURES)})")
 
     def get(key, default=None, required=False):
-        v = _value(reader, f"{arch}.{key}", default)
+        v = metadata(reader, f"{arch}.{key}", default)
         if v is None and required:
             raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return v
@@ -188,13 +192,13 @@ class GGUFSource(WeightSource):
 
     def __init__(self, path: str, config: ModelConfig | None = None):
         self.path = os.fspath(path)
-        self.reader = r = _open(self.path)
+        self.reader = r = open_gguf(self.path)
         import gguf
         self._types = gguf.GGMLQuantizationType
         self._entries = {}  # HF name -> (ReaderTensor, expert index or None)
         self._shapes = {}
         ggml_shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
-        self.arch = _value(r, "general.architecture")
+        self.arch = metadata(r, "general.architecture")
         if config is None:
             d = hf_config_dict(r, self.path, ggml_shapes)
             try:
@@ -203,23 +207,23 @@ class GGUFSource(WeightSource):
                 raise CheckpointError(f"{self.path}: GGUF architecture {self.arch!r} "
                                       f"(model_type {d['model_type']}): {e}") from None
         self.config = config
-        eos = _value(r, "tokenizer.ggml.eos_token_id")
+        eos = metadata(r, "tokenizer.ggml.eos_token_id")
         self.eos_token_ids = [] if eos is None else [int(eos)]
         self.permuted = self.arch in PERMUTED_QK
         unknown = []
         for t in r.tensors:
             shape = tuple(int(x) for x in reversed(t.shape))  # numpy order
-            if t.name in _TOP:
-                self._add(_TOP[t.name], t, None, shape)
+            if t.name in TOP_NAMES:
+                self._add(TOP_NAMES[t.name], t, None, shape)
                 continue
             m = _BLK.match(t.name)
-            if m and m.group(2) in _LAYER:
+            if m and m.group(2) in LAYER_NAMES:
                 i, what, kind = m.groups()
-                self._add(f"model.layers.{i}.{_LAYER[what]}.{kind}", t, None, shape)
-            elif m and m.group(2) in _EXPERTS and len(shape) == 3:
+                self._add(f"model.layers.{i}.{LAYER_NAMES[what]}.{kind}", t, None, shape)
+            elif m and m.group(2) in EXPERT_NAMES and len(shape) == 3:
                 i, what, kind = m.groups()
                 for e in range(shape[0]):
-                    self._add(f"model.layers.{i}.mlp.experts.{e}.{_EXPERTS[what]}.{kind}",
+                    self._add(f"model.layers.{i}.mlp.experts.{e}.{EXPERT_NAMES[what]}.{kind}",
                               t, e, shape[1:])
             else:
                 unknown.append(t.name)
@@ -307,158 +311,3 @@ class GGUFSource(WeightSource):
 
     def close(self):
         self.reader = None
-
-
-# ---- tokenizer and chat template from the metadata -------------------------------------
-class GGUFTokenizerError(ValueError):
-    pass
-
-
-# tokenizer.ggml.pre -> the split before byte-level BPE (llama.cpp's llama-vocab.cpp)
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
-           r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?"
-          r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2")
-
-
-def _pre_tokenizer(pre: str):
-    from tokenizers import Regex
-    from tokenizers import pre_tokenizers as pt
-    byte = pt.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("default", "gpt2"):
-        return byte
-    if pre == "smollm":  # every digit alone, then GPT-2's split
-        return pt.Sequence([pt.Digits(individual_digits=True), byte])
-    regex = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}.get(pre)
-    if regex is None:
-        raise GGUFTokenizerError(f"tokenizer.ggml.pre = {pre!r} is not supported "
-                                 f"(supported: {', '.join(PRE_TOKENIZERS)})")
-    return pt.Sequence([pt.Split(Regex(regex), behavior="isolated", invert=False),
-                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-def build_tokenizer(path: str):
-    """A ``tokenizers.Tokenizer`` (byte-level BPE, as Hugging Face's) from the metadata
-    (tokenizer.ggml.model = gpt2: tokens, merges, token_type, pre, bos/eos, add_bos)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    r = _open(path)
-    kind = _value(r, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFTokenizerError(f"{path}: tokenizer.ggml.model = {kind!r}: only 'gpt2' "
-                                 "(byte-level BPE) is supported")
-    tokens = _value(r, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _value(r, "tokenizer.ggml.merges", [])]
-    types = _value(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
-                               ignore_merges=False))
-    tok.pre_tokenizer = _pre_tokenizer(_value(r, "tokenizer.ggml.pre", "default"))
-    tok.decoder = decoders.ByteLevel()
-    # token_type 3 = CONTROL (special), 4 = USER_DEFINED (added, not special)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types, strict=True) if k == 3])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types, strict=True) if k == 4])
-    bos = _value(r, "tokenizer.ggml.bos_token_id")
-    if _value(r, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-        b = tokens[bos]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, bos)])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
-
-
-def tokenizer_meta(path: str) -> dict:
-    """chat_template, bos/eos ids and texts, add_bos from the metadata (None if absent)."""
-    r = _open(path)
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    names = tokens.contents() if tokens is not None else []
-    out = {"chat_template": _value(r, "tokenizer.chat_template"),
-           "add_bos": bool(_value(r, "tokenizer.ggml.add_bos_token", False))}
-    for which in ("bos", "eos"):
-        i = _value(r, f"tokenizer.ggml.{which}_token_id")
-        out[f"{which}_id"] = i
-        out[f"{which}_token"] = names[i] if i is not None and i < len(names) else ""
-    return out
-
-
-# ---- writer (tests and fixtures: a WeightSource as a .gguf, quantized) -------------------
-def gguf_name(name: str) -> tuple[str, int | None]:
-    """Hugging Face name -> (GGUF name, expert index or None); the inverse of the reader's."""
-    top = {v: k for k, v in _TOP.items()}
-    if name in top:
-        return top[name], None
-    m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(weight|bias)$", name)
-    if m:
-        exps = {v: k for k, v in _EXPERTS.items()}
-        return f"blk.{m.group(1)}.{exps[m.group(3)]}.{m.group(4)}", int(m.group(2))
-    m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
-    layer = {v: k for k, v in _LAYER.items()}
-    if not m or m.group(2) not in layer:
-        raise KeyError(f"no GGUF name for {name}")
-    return f"blk.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}", None
-
-
-def write_gguf(path: str, source: WeightSource, qtype: str = "F32", arch: str | None = None,
-               tokens=None, merges=None, token_types=None, meta: dict | None = None,
-               raw: dict | None = None) -> None:
-    """Write ``source``'s tensors as a GGUF file the way llama.cpp's converter does: 2-D and
-    3-D weights as ``qtype`` (quantized by gguf.quants), 1-D tensors (norms, biases) F32,
-    experts stacked [E, out, in], q/k rows permuted for PERMUTED_QK architectures, config
-    metadata under ``arch`` (default: from model_type), an optional gpt2 tokenizer.
-    ``raw``: HF name -> (uint8 block bytes [rows, row_bytes], ggml type name) written as
-    they are (a type gguf.quants cannot quantize: K-quants)."""
-    import gguf
-    c = source.config
-    arch = arch or {v: k for k, v in ARCHITECTURES.items()}[c.model_type]
-    qt = gguf.GGMLQuantizationType[qtype]
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(c.num_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_heads)
-    w.add_head_count_kv(c.num_kv_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    if c.is_moe:
-        w.add_expert_count(c.num_experts)
-        w.add_expert_used_count(c.num_experts_per_tok)
-        w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    if tokens is not None:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_merges(merges or [])
-        w.add_token_types(token_types or [1] * len(tokens))
-    for key, value in (meta or {}).items():
-        w.add_key_value(key, value[0], value[1])
-    stacked: dict[str, list] = {}
-    for name in source.names():
-        g, e = gguf_name(name)
-        if raw and name in raw:
-            data, kind = raw[name]
-            w.add_tensor(g, data, raw_dtype=gguf.GGMLQuantizationType[kind])
-            continue
-        a = source.read(name, dtype="float32")
-        heads = {"q_proj": c.num_heads, "k_proj": c.num_kv_heads}.get(name.split(".")[-2])
-        if arch in PERMUTED_QK and heads and "self_attn" in name:
-            a = permute_rows(a, heads)
-        if e is not None:
-            stacked.setdefault(g, []).append(a)
-            if len(stacked[g]) < c.num_experts:
-                continue
-            a = np.stack(stacked.pop(g))
-        if a.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(g, np.ascontiguousarray(a, dtype=np.float32))
-        elif qt == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(g, a.astype(np.float16))
-        else:
-            w.add_tensor(g, gguf.quants.quantize(a, qt), raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()

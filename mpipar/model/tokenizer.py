@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .gguf import build_tokenizer, gguf_path
+from .gguf import gguf_path
+from .gguf_tokenizer import build_tokenizer
 
 
 class TokenizerError(ValueError):

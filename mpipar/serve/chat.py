@@ -16,7 +16,8 @@ import json
 import os
 from datetime import datetime
 
-from ..model.gguf import gguf_path, tokenizer_meta
+from ..model.gguf import gguf_path
+from ..model.gguf_tokenizer import tokenizer_meta
 
 
 class ChatTemplateError(ValueError):
