@@ -52,14 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="transformer.py", description=(
         "Run a Qwen3 / Qwen3-MoE model split over MPI ranks (tp*pp*dp ranks)."))
     m = p.add_argument_group("model")
-    m.add_argument("--model", help="Hugging Face folder (config.json + safetensors)")
+    m.add_argument("--model", help="Hugging Face folder (config.json + safetensors), "
+                   "or a .gguf file (or a folder holding one)")
     m.add_argument("--preset", help="named shape with random weights (default: builtin-moe)")
     m.add_argument("--seed", type=int, default=0, help="random-weight seed")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt-ids", action="append", default=[],
                    help="comma-separated token ids; repeat for a batch")
     g.add_argument("--prompt", action="append", default=[],
-                   help="text (needs tokenizer.json in --model); repeat for a batch")
+                   help="text (needs tokenizer.json or a .gguf in --model); repeat "
+                   "for a batch")
     g.add_argument("--max-new-tokens", type=int, default=8)
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest sequence (prompt + new tokens) to accept (default and at "

@@ -258,6 +258,13 @@ def _load_model(arg: str):
     from ..model.config import PRESETS, ConfigError, get_preset, load_config
     if arg in PRESETS:
         return get_preset(arg)
+    from ..model.checkpoint import CheckpointError
+    from ..model.gguf import GGUFSource, gguf_path
+    try:
+        if os.path.exists(arg) and gguf_path(arg) is not None:
+            return GGUFSource(gguf_path(arg)).config  # the metadata; tensors stay on disk
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     if os.path.exists(arg):
         return load_config(arg)
     raise ConfigError(f"--model {arg!r}: not a preset (known: {', '.join(PRESETS)}) "
@@ -267,7 +274,8 @@ def _load_model(arg: str):
 def main(argv=None) -> int:
     ap = _Parser(prog="python -m mpipar.cost.plan",
                  description="Rank every (tp, pp, dp, ep) layout of a model on a GPU count.")
-    ap.add_argument("--model", required=True, help="preset name or path to config.json")
+    ap.add_argument("--model", required=True, help="preset name, path to config.json, "
+                    "a model folder or a .gguf file")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gb", type=float, help="per GPU, 1e9 bytes (default: the "
                     "machine's, else 80)")

@@ -35,6 +35,7 @@ from .checkpoint import (
     expected_shapes,
 )
 from .config import ModelConfig, get_preset
+from .gguf import GGUFSource, gguf_path
 
 BLOCK_VALUES = 1 << 20  # values per generated block (4 MB of float32)
 NORM_STD = 0.1
@@ -96,12 +97,16 @@ class RandomWeights(WeightSource):
 
 
 def open_model(model=None, preset=None, seed: int = 0) -> WeightSource:
-    """``model``: a checkpoint directory -> CheckpointReader (or a preset name);
+    """``model``: a .gguf file, or a folder holding one -> GGUFSource; a checkpoint
+    directory -> CheckpointReader (or a preset name);
     otherwise RandomWeights of ``preset`` (a name or a ModelConfig; default builtin-moe)."""
     if model is not None and preset is not None:
         raise ValueError("give a model directory or a preset, not both")
     if model is not None:
         path = os.fspath(model)
+        gguf_file = gguf_path(path)
+        if gguf_file is not None:
+            return GGUFSource(gguf_file)
         if os.path.isdir(path):
             return CheckpointReader(path)
         if os.path.exists(path) or os.sep in path:

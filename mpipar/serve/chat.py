@@ -16,6 +16,9 @@ import json
 import os
 from datetime import datetime
 
+from ..model.gguf import gguf_path
+from ..model.gguf_tokenizer import tokenizer_meta
+
 
 class ChatTemplateError(ValueError):
     pass
@@ -66,6 +69,11 @@ class ChatTemplate:
 def load_chat_template(folder: str | None, override: str | None = None):
     """The ChatTemplate of a tokenizer folder (or of the ``override`` file), or None."""
     config = {}
+    gguf_file = gguf_path(folder) if folder else None
+    if gguf_file is not None:  # the template and bos/eos texts of the GGUF metadata
+        meta = tokenizer_meta(gguf_file)
+        config = {"chat_template": meta["chat_template"], "bos_token": meta["bos_token"],
+                  "eos_token": meta["eos_token"]}
     cfg_path = os.path.join(folder or "", "tokenizer_config.json")
     if folder and os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         "MPI ranks."))
     m = p.add_argument_group("model")
     m.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
-    m.add_argument("--model", help="Hugging Face folder (config.json + safetensors)")
+    m.add_argument("--model", help="Hugging Face folder (config.json + safetensors), "
+                   "or a .gguf file (or a folder holding one)")
     m.add_argument("--preset", help="named shape with random weights")
     m.add_argument("--seed", type=int, default=0, help="random-weight seed")
     m.add_argument("--tokenizer", help="folder of tokenizer.json (default: --model)")

@@ -57,6 +57,8 @@ class EngineOptions:
 
 def eos_token_ids(source) -> list[int]:
     """EOS ids of a checkpoint folder (generation_config.json first); [] for presets."""
+    if getattr(source, "eos_token_ids", None) is not None:  # a GGUF's metadata
+        return list(source.eos_token_ids)
     folder = getattr(source, "dir", None)
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(folder, name) if folder else ""

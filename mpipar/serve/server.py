@@ -37,12 +37,14 @@ SHUTDOWN_JOIN_S = 4.0
 
 def served_model(args, source, max_model_len: int):
     """api.ServedModel: names, tokenizer and chat template (rank 0)."""
+    from ..model.gguf import gguf_path
     from ..model.tokenizer import load_tokenizer
     from .api import ServedModel
     from .chat import load_chat_template
     folder = args.tokenizer or args.model
     tokenizer = None
-    if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    if folder and (os.path.isfile(os.path.join(folder, "tokenizer.json"))
+                   or gguf_path(folder) is not None):
         tokenizer = load_tokenizer(folder)
     template = load_chat_template(folder, args.chat_template)
     defaults = {}
