@@ -21,8 +21,10 @@ tp=3 x pp=2; 7 prompts, 303 tokens the longest): max |logit diff| 3.4e-5 to 6.1e
 (L + 1) * c * u * max|logit| with c = 0.55-0.9: the bound takes c = 8, about 10x the
 measurement. verify.logit_tolerance's fixed float32 1e-4 (made for 4-layer random
 fixtures) would leave only 2x here and does not grow with depth. The bound stays far below
-what a bug does (a q/k permutation left undone, a RoPE position off by one: logit errors
-of 1-10) and below 1/8 of the smallest greedy margin compared (4.5e-3). bfloat16 (tp=1):
+what a bug does (checked by breaking the code: the q/k un-permutation skipped moves the
+logits by 5-25; decode RoPE positions one ahead of the cache's, 0.5-9 on rows 1-3 while
+the greedy tokens still agree) and below 1/8 of the smallest greedy margin compared
+(4.5e-3). bfloat16 (tp=1):
 verify.logit_tolerance's 16-bit bound, (L + 1) * 2u_bf16 * max|logit| (6.1 for
 france_chat's max|logit| 25; measured 0.82); its tokens are compared where the margin
 exceeds 2 * tol (none of france_chat's), its rows wherever the tokens before them agree.
