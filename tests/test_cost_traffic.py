@@ -10,16 +10,7 @@ import pytest
 
 from mpipar.cost import traffic as cm
 from mpipar.layout import Layout
-from mpipar.model.config import ModelConfig, get_preset
-
-# Small dense model: V=100, h=12, L=5, H=4, KV=2, d=6, I=20, untied.
-DENSE = ModelConfig(vocab_size=100, hidden_size=12, num_layers=5, num_heads=4,
-                    num_kv_heads=2, head_dim=6, intermediate_size=20)
-# Small MoE: V=50, h=8, L=3, H=4, KV=2, d=4, E=6, k=2, m=5; layer 1 dense (I=16).
-MOE = ModelConfig(vocab_size=50, hidden_size=8, num_layers=3, num_heads=4, num_kv_heads=2,
-                  head_dim=4, intermediate_size=16, model_type="qwen3_moe", num_experts=6,
-                  num_experts_per_tok=2, moe_intermediate_size=5, mlp_only_layers=(1,))
-Q235 = get_preset("qwen3-235b-a22b")
+from tests.test_cost_memory import MOE, Q235  # the same hand-written models
 
 
 def test_comm_formulas():

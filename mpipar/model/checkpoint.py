@@ -132,6 +132,19 @@ def check_index(name: str, shape: tuple, index) -> tuple:
     return index
 
 
+def row_window(name: str, shape: tuple, index) -> tuple:
+    """``index`` as the rows a reader must produce and what to take from them:
+    -> (start, stop, local, rest): rows start..stop-1 of the first dim, then
+    ``[(local, *rest)]`` of that block is the answer (checked by ``check_index``)."""
+    idx = check_index(name, shape, index)
+    first, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
+    if isinstance(first, slice):
+        start, stop, step = first.indices(shape[0])
+        stop = max(stop, start)
+        return start, stop, slice(0, stop - start, step), rest
+    return int(first), int(first) + 1, 0, rest
+
+
 class WeightSource:
     """Named weights, read one (slice of a) tensor at a time. ``read`` returns a fresh
     host numpy array, float32 unless ``dtype`` says otherwise (None: the stored dtype)."""

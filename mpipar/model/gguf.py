@@ -59,8 +59,8 @@ from .checkpoint import (
     CheckpointError,
     WeightSource,
     as_dtype,
-    check_index,
     expected_shapes,
+    row_window,
 )
 from .config import ConfigError, ModelConfig, load_config
 
@@ -290,14 +290,7 @@ class GGUFSource(WeightSource):
     def read(self, name: str, index=None, dtype="float32") -> np.ndarray:
         key = self.resolve(name)
         shape = self._shapes[key]
-        idx = check_index(name, shape, index)
-        first, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
-        if isinstance(first, slice):
-            start, stop, step = first.indices(shape[0])
-            stop = max(stop, start)
-            local = slice(0, stop - start, step)
-        else:
-            start, stop, local = int(first), int(first) + 1, 0
+        start, stop, local, rest = row_window(name, shape, index)
         heads = self._qk_heads(key)
         if heads is not None:  # widen to whole heads, undo the permutation, cut
             hd = shape[0] // heads

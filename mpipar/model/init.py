@@ -31,8 +31,8 @@ from .checkpoint import (
     CheckpointReader,
     WeightSource,
     as_dtype,
-    check_index,
     expected_shapes,
+    row_window,
 )
 from .config import ModelConfig, get_preset
 from .gguf import GGUFSource, gguf_path
@@ -84,14 +84,7 @@ class RandomWeights(WeightSource):
     def read(self, name: str, index=None, dtype="float32") -> np.ndarray:
         key = self.resolve(name)
         shape = tuple(self._shapes[key])
-        idx = check_index(name, shape, index)
-        first, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
-        if isinstance(first, slice):
-            start, stop, step = first.indices(shape[0])
-            stop = max(stop, start)
-            local = slice(0, stop - start, step)
-        else:
-            start, stop, local = int(first), int(first) + 1, 0
+        start, stop, local, rest = row_window(name, shape, index)
         out = self._rows(key, shape, start, stop)[(local, *rest)]
         return np.array(out, dtype=np.float32 if dtype is None else as_dtype(dtype))
 

@@ -30,6 +30,7 @@ rounded to the compute dtype (see there for the NumPy and CuPy paths).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,14 @@ def linear(xp, x, w, b=None):
 
 
 def rope_inv_freq(xp, head_dim, theta, scaling=None):
+    """``_rope_inv_freq`` for a scaling dict (or None), computed once per model shape: the
+    attention of every layer and sequence asks for it at every step."""
+    items = tuple(sorted(scaling.items())) if scaling else ()
+    return _rope_inv_freq(xp, head_dim, float(theta), items)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_inv_freq(xp, head_dim, theta, scaling_items):
     """The rotary frequencies [head_dim/2] (float64): theta^(-2i/d), then scaled.
 
     ``scaling`` None: plain RoPE. ``{"rope_type": "linear", "factor": f}``: every
@@ -113,9 +122,10 @@ def rope_inv_freq(xp, head_dim, theta, scaling=None):
     (transformers' _compute_llama3_parameters): with wavelength w = 2*pi/freq, w < n/hi
     keeps freq, w > n/lo takes freq/f, and between them
     s = (n/w - lo)/(hi - lo) blends: (1 - s)*freq/f + s*freq."""
+    scaling = dict(scaling_items)
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (xp.arange(0, half, dtype=xp.float64) * 2.0 / head_dim))
-    kind = (scaling or {}).get("rope_type", "default")
+    kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / scaling["factor"]
     if kind == "llama3":
